@@ -1,0 +1,137 @@
+"""The GUNN layer (SPEC §1): K channel segments updated one after another.
+
+    for i in 1..K:
+        z_i = cat(y_1, ..., y_{i-1}, x_i, ..., x_K)
+        y_i = x_i + G_i(z_i)
+
+`GunnUnit` is one G_i. `GunnLayer` owns the K units and delegates the update loop to an
+*implementation* (see `IMPLEMENTATIONS`): every implementation computes the same function with the
+same parameters, they differ only in speed and in what they keep for backward. `"reference"` is the
+plain, obviously correct loop and is the oracle the tests compare every other one against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+UPDATES = ("gradual", "simultaneous")
+
+
+class GunnUnit(nn.Module):
+    """One update function G_i: C channels in, o = C/K channels out (SPEC §1 bottleneck).
+
+    The first 1x1 conv and the CIFAR projection branch read the same z_i, so they are stored as one
+    C -> 2o(+o) conv with a per-channel BatchNorm. That is exactly the two separate Conv-BN pairs of
+    the paper (same parameters, same outputs) and saves one pass over z_i.
+    """
+
+    def __init__(self, channels: int, width: int, projection: bool = True) -> None:
+        super().__init__()
+        hidden = 2 * width
+        self.width = width
+        self.hidden = hidden
+        self.projection = projection
+        fused = hidden + (width if projection else 0)
+        self.conv_in = nn.Conv2d(channels, fused, 1, bias=False)
+        self.bn_in = nn.BatchNorm2d(fused)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1, bias=False)
+        self.bn_mid = nn.BatchNorm2d(hidden)
+        self.conv_out = nn.Conv2d(hidden, width, 1, bias=False)
+        self.bn_out = nn.BatchNorm2d(width)
+
+    def forward(self, z: Tensor) -> Tensor:
+        a = self.bn_in(self.conv_in(z))
+        h = torch.relu(a[:, : self.hidden])
+        h = torch.relu(self.bn_mid(self.conv_mid(h)))
+        h = self.bn_out(self.conv_out(h))
+        if self.projection:
+            h = h + a[:, self.hidden :]
+        return h
+
+
+# An implementation maps (x, units, update) -> output. Register new ones with `register_impl`.
+GunnImpl = Callable[[Tensor, Sequence[GunnUnit], str], Tensor]
+IMPLEMENTATIONS: dict[str, GunnImpl] = {}
+
+
+def register_impl(name: str) -> Callable[[GunnImpl], GunnImpl]:
+    def wrap(fn: GunnImpl) -> GunnImpl:
+        IMPLEMENTATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_impl("reference")
+def reference_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
+    """The sequential rule of SPEC §1 written out literally; autograd keeps every z_i."""
+    xs = list(x.split(units[0].width, dim=1))
+    if update == "simultaneous":  # the SUNN ablation: every G_i reads the original x
+        return torch.cat([xi + unit(x) for xi, unit in zip(xs, units)], dim=1)
+    ys: list[Tensor] = []
+    for i, unit in enumerate(units):
+        z = torch.cat(ys + xs[i:], dim=1)
+        ys.append(xs[i] + unit(z))
+    return torch.cat(ys, dim=1)
+
+
+class GunnLayer(nn.Module):
+    """Gradually updated layer on `channels` channels split into `segments` equal segments.
+
+    Args:
+        channels: C, input and output channels.
+        segments: K, number of segments; must divide C.
+        projection: add the 1x1 Conv-BN projection of z_i to each G_i (CIFAR models) or not
+            (ImageNet models).
+        update: "gradual" (GUNN) or "simultaneous" (the SUNN ablation: every G_i reads x).
+        impl: which implementation computes the update loop (a key of `IMPLEMENTATIONS`).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        segments: int,
+        projection: bool = True,
+        update: str = "gradual",
+        impl: str = "reference",
+    ) -> None:
+        super().__init__()
+        if segments < 1 or channels < 1 or channels % segments:
+            raise ValueError(
+                f"GunnLayer: channels={channels} is not divisible by segments={segments}; "
+                f"choose segments among the divisors of {channels} "
+                f"(e.g. {_divisors_hint(channels)})."
+            )
+        if update not in UPDATES:
+            raise ValueError(f"GunnLayer: update={update!r} is not one of {UPDATES}.")
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"GunnLayer: impl={impl!r} is unknown; choose one of {sorted(IMPLEMENTATIONS)}."
+            )
+        self.channels = channels
+        self.segments = segments
+        self.width = channels // segments
+        self.update = update
+        self.impl = impl
+        self.units = nn.ModuleList(
+            GunnUnit(channels, self.width, projection) for _ in range(segments)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != self.channels:
+            raise ValueError(f"GunnLayer expects {self.channels} channels, got {x.shape[1]}.")
+        return IMPLEMENTATIONS[self.impl](x, self.units, self.update)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, segments={self.segments}, width={self.width}, "
+            f"update={self.update}, impl={self.impl}"
+        )
+
+
+def _divisors_hint(n: int) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, divs[:8])) + (", ..." if len(divs) > 8 else "")
