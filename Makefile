@@ -1,0 +1,49 @@
+# gunn-exp: `make demo` trains the offline demo, `make test` runs the tests (both set up .venv).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo train test test-all lint format ablation benchmark summarize report clean
+
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: this pair is on the machine's disk (any other pair downloads gigabytes)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[dev,export]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the package with dev tools
+
+demo: $(STAMP) ## Train a compact GUNN on the offline digits data (CPU, ~1 min)
+	$(BIN)/python train.py experiment=digits $(ARGS)
+
+train: $(STAMP) ## Train: make train ARGS="model=gunn15 data=cifar10"
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP) ## Run the test suite (offline, CPU; slow checks excluded)
+	$(BIN)/pytest -m "not slow" $(ARGS)
+
+test-all: $(STAMP) ## Run every test, slow ones included
+	$(BIN)/pytest $(ARGS)
+
+lint: $(STAMP) ## Lint with ruff
+	$(BIN)/ruff check src tests *.py
+
+format: $(STAMP) ## Format with ruff
+	$(BIN)/ruff format src tests *.py
+
+summarize: $(STAMP) ## Complexity report: make summarize ARGS="model=gunn24 data=cifar100"
+	$(BIN)/python summarize.py $(ARGS)
+
+benchmark: $(STAMP) ## Implementation benchmark: make benchmark ARGS="model=gunn15"
+	$(BIN)/python benchmark.py $(ARGS)
+
+clean: ## Remove run outputs and caches (keeps .venv)
+	rm -rf logs .pytest_cache .ruff_cache

@@ -1,0 +1,92 @@
+"""Callbacks that make a run's progress visible: the per-epoch metrics table, CSV and plot."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from gunn_exp.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "epoch", "lr", "train/loss", "train/err1", "train/err5",
+    "val/loss", "val/err1", "val/err5", "epoch_time_s",
+)
+
+
+class EpochSummary(pl.Callback):
+    """After every training epoch: one row in `metrics.csv`, one log line, a fresh `curves.png`.
+
+    Rows are keyed by epoch (1-based); on resume, rows past the checkpoint's epoch (written by the
+    interrupted run after its last checkpoint) are dropped so the table never holds an epoch twice.
+    """
+
+    def __init__(self, output_dir: str, plot: bool = True) -> None:
+        self.csv_path = Path(output_dir) / "metrics.csv"
+        self.plot_path = Path(output_dir) / "curves.png"
+        self.plot = plot
+        self.rows: list[dict[str, float]] = []
+        self._epoch_start = 0.0
+        self._epoch_lr = float("nan")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.csv_path.exists():
+            with self.csv_path.open() as f:
+                self.rows = [
+                    {k: float(v) for k, v in row.items() if v not in ("", None)}
+                    for row in csv.DictReader(f)
+                ]
+            self.rows = [r for r in self.rows if r["epoch"] <= trainer.current_epoch]
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        # Read now: Lightning steps epoch-interval schedulers before on_train_epoch_end.
+        self._epoch_lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row: dict[str, float] = {
+            "epoch": trainer.current_epoch + 1,
+            "lr": self._epoch_lr,
+            "epoch_time_s": time.perf_counter() - self._epoch_start,
+        }
+        row.update({k: float(metrics[k]) for k in COLUMNS if k in metrics})
+        self.rows.append(row)
+        if not trainer.is_global_zero:
+            return
+        self._write_csv()
+        if self.plot:
+            plot_curves({"": self.rows}, self.plot_path, title=f"{pl_module.model.__class__.__name__}")
+        log.info(format_row(row, trainer.max_epochs))
+
+    def _write_csv(self) -> None:
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in self.rows)
+        tmp.replace(self.csv_path)
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e9 else f"{value:.6g}"
+
+
+def format_row(row: dict[str, float], max_epochs: int | None) -> str:
+    """`epoch 3/30 | lr 0.1 | train loss 0.412 err1 12.30 | val loss 0.388 err1 11.10 err5 0.90 | 4.2s`"""
+    parts = [f"epoch {int(row['epoch'])}/{max_epochs}", f"lr {row['lr']:.3g}"]
+    for split in ("train", "val"):
+        vals = [
+            f"{name} {row[f'{split}/{name}']:.3f}" if name == "loss" else f"{name} {row[f'{split}/{name}']:.2f}"
+            for name in ("loss", "err1", "err5")
+            if f"{split}/{name}" in row
+        ]
+        if vals:
+            parts.append(f"{split} " + " ".join(vals))
+    parts.append(f"{row['epoch_time_s']:.1f}s")
+    return " | ".join(parts)

@@ -1,0 +1,118 @@
+"""Config checks that run before anything is built, and helpers to show and save a config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _non_negative_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _positive_number(v: Any) -> bool:
+    return _non_negative_number(v) and v > 0
+
+
+def _one_of(choices: Callable[[], Sequence[Any]]) -> Callable[[Any], bool]:
+    return lambda v: v in choices()
+
+
+def _model_names() -> list[str]:
+    from gunn_exp.models import list_models
+
+    return list_models()
+
+
+def _impl_names() -> list[Any]:
+    from gunn_exp.models import IMPLEMENTATIONS
+
+    return [None, *sorted(IMPLEMENTATIONS)]
+
+
+# key -> (predicate, what a valid value looks like). Keys absent from a config are skipped.
+CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str] | str]] = {
+    "seed": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "model.name": (_one_of(_model_names), lambda: f"one of {_model_names()}"),
+    "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
+    "model.impl": (_one_of(_impl_names), lambda: f"one of {_impl_names()}"),
+    "model.num_classes": (_positive_int, "a positive integer"),
+    "data.batch_size": (_positive_int, "a positive integer (the global batch)"),
+    "data.num_workers": (_non_negative_int, "an integer >= 0"),
+    "data.image_size": (_positive_int, "a positive integer (pixels)"),
+    "trainer.max_epochs": (_positive_int, "a positive integer"),
+    "optimizer.lr": (_positive_number, "a positive number"),
+    "optimizer.weight_decay": (_non_negative_number, "a number >= 0"),
+    "optimizer.momentum": (_non_negative_number, "a number >= 0"),
+}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first missing or invalid value, before any data or model work."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required value(s): {', '.join(missing)}; set them on the command line, "
+            f"e.g. {missing[0]}=..."
+        )
+    for key, (ok, expected) in CHECKS.items():
+        value = OmegaConf.select(cfg, key, default=_MISSING)
+        if value is _MISSING:
+            continue
+        if not ok(value):
+            hint = expected() if callable(expected) else expected
+            raise ConfigError(f"{key}={value!r} is invalid: expected {hint}.")
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the fully resolved config, the file `eval.py` and resumes rebuild a run from."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def print_config(cfg: DictConfig, fields: Sequence[str] | None = None) -> None:
+    """Show the resolved config as a tree, one branch per top-level group."""
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for field in fields or list(cfg.keys()):
+        value = cfg.get(field)
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(field).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    rprint(tree)
+
+
+def epoch_milestones(max_epochs: int, fractions: Sequence[float]) -> list[int]:
+    """0-based MultiStepLR milestones for 'decay from 1-based epoch >= f * max_epochs' (SPEC §3).
+
+    With 300 epochs and (0.5, 0.75): lr drops from 1-based epochs 150 and 225, i.e. after 149 and
+    224 scheduler steps.
+    """
+    return [max(math.ceil(f * max_epochs) - 1, 0) for f in fractions]
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("epoch_milestones"):
+        OmegaConf.register_new_resolver("epoch_milestones", epoch_milestones)

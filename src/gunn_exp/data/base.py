@@ -1,0 +1,78 @@
+"""Shared behaviour of the image-classification DataModules: the global batch and the loaders."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base class: subclasses fill `train_set`, `val_set`, `test_set` and `classes` in `setup`.
+
+    `batch_size` is the GLOBAL batch, as in the paper (64 on CIFAR split over 4 GPUs): with N
+    processes each loader yields batch_size / N images, so a recipe means the same thing on any
+    number of devices.
+    """
+
+    name: str = "images"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 3,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be a positive integer.")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0.")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        if name is not None:
+            self.name = name
+        self.classes: list[str] = [str(i) for i in range(num_classes)]
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (the global batch) is not divisible by the "
+                f"{world} processes of this run; use a multiple of {world}."
+            )
+        return self.batch_size // world
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called.")
+        return DataLoader(
+            dataset,
+            batch_size=self.per_device_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) >= self.per_device_batch_size,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,95 @@
+"""CIFAR-10/100 from torchvision's python-pickle files, with the authors' pipeline (SPEC §3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from gunn_exp.data.base import ImageDataModule
+from gunn_exp.data.transforms import cifar_eval_transform, cifar_stats, cifar_train_transform
+
+class _UncheckedCIFAR10(CIFAR10):
+    """CIFAR-10 that only checks that its files exist (no md5): re-packed copies, test fixtures."""
+
+    def _check_integrity(self) -> bool:
+        folder = Path(self.root) / self.base_folder
+        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+
+class _UncheckedCIFAR100(_UncheckedCIFAR10, CIFAR100):
+    pass
+
+
+_UNCHECKED = {"cifar10": _UncheckedCIFAR10, "cifar100": _UncheckedCIFAR100}
+
+_DATASETS = {
+    "cifar10": (CIFAR10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": (CIFAR100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+}
+
+
+class CIFARDataModule(ImageDataModule):
+    """CIFAR-10 or CIFAR-100 (`name`), downloaded into `data_dir` when missing and `download`.
+
+    The paper validated on the test set; `val_size > 0` holds out that many training images
+    (a fixed, seeded split) for honest model selection instead.
+    """
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        data_dir: str = "data",
+        download: bool = True,
+        jigsaw: bool = True,
+        val_size: int = 0,
+        verify_checksums: bool = True,
+        num_classes: int = 10,
+        **kwargs,
+    ) -> None:
+        if name not in _DATASETS:
+            raise ValueError(f"data.name={name!r}: CIFARDataModule knows {sorted(_DATASETS)}.")
+        super().__init__(num_classes=num_classes, name=name, **kwargs)
+        if val_size < 0:
+            raise ValueError(f"data.val_size={val_size} must be >= 0.")
+        self.data_dir = Path(data_dir)
+        self.download = download
+        self.jigsaw = jigsaw
+        self.val_size = val_size
+        self.verify_checksums = verify_checksums
+        self.mean, self.std = cifar_stats(name)
+
+    @property
+    def _dataset_class(self) -> type[CIFAR10]:
+        return _DATASETS[self.name][0] if self.verify_checksums else _UNCHECKED[self.name]
+
+    def prepare_data(self) -> None:
+        _, folder, url = _DATASETS[self.name]
+        cls = self._dataset_class
+        try:
+            for train in (True, False):
+                cls(self.data_dir, train=train, download=self.download)
+        except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
+            raise FileNotFoundError(
+                f"{self.name}: the dataset is not in {self.data_dir / folder} "
+                f"({'download failed: ' + str(err) if self.download else 'data.download=false'}). "
+                f"Fix: download {url} and extract it into {self.data_dir} (so that "
+                f"{self.data_dir / folder} holds the batch files), or point paths.data_dir at a "
+                f"folder that has it."
+            ) from err
+
+    def setup(self, stage: str | None = None) -> None:
+        cls = self._dataset_class
+        train = cls(self.data_dir, train=True, transform=cifar_train_transform(self.name, self.jigsaw))
+        test = cls(self.data_dir, train=False, transform=cifar_eval_transform(self.name))
+        self.classes = list(train.classes)
+        if self.val_size:
+            # Same images, two transforms: hold out a fixed subset of train for validation.
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+            held = cls(self.data_dir, train=True, transform=cifar_eval_transform(self.name))
+            self.train_set = torch.utils.data.Subset(train, order[self.val_size :])
+            self.val_set = torch.utils.data.Subset(held, order[: self.val_size])
+        else:
+            self.train_set, self.val_set = train, test
+        self.test_set = test

@@ -1,0 +1,117 @@
+"""The authors' data pipelines (SPEC §3): CIFAR with the Jigsaw shift, fb.resnet.torch ImageNet."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision import transforms as T
+
+# Per-channel statistics on the 0-255 scale, as in the authors' datasets/cifar*-gen.lua.
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    "cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# AlexNet PCA lighting noise on ImageNet RGB (fb.resnet.torch).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+def cifar_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std on the 0-1 scale for `cifar10` or `cifar100`."""
+    mean, std = CIFAR_STATS[name]
+    return tuple(m / 255 for m in mean), tuple(s / 255 for s in std)
+
+
+class Jigsaw(torch.nn.Module):
+    """The authors' cyclic shift: with p=1/3 nothing, else roll the image by d ~ U{1..size}
+    along the width or the height axis (1/2 each). Works on a CHW tensor."""
+
+    def forward(self, img: Tensor) -> Tensor:
+        choice = int(torch.randint(3, ()))
+        if choice == 0:
+            return img
+        dim = -1 if choice == 1 else -2
+        shift = int(torch.randint(1, img.shape[dim] + 1, ()))
+        return torch.roll(img, shifts=shift, dims=dim)
+
+
+def cifar_train_transform(name: str, jigsaw: bool = True) -> T.Compose:
+    """Normalise, flip, random crop 32 with 4 zero pixels of padding (after normalisation, so the
+    padding is the mean colour), then the optional Jigsaw shift, in the authors' order."""
+    mean, std = cifar_stats(name)
+    steps: list = [
+        T.ToTensor(),
+        T.Normalize(mean, std),
+        T.RandomHorizontalFlip(),
+        T.RandomCrop(32, padding=4, fill=0),
+    ]
+    if jigsaw:
+        steps.append(Jigsaw())
+    return T.Compose(steps)
+
+
+def cifar_eval_transform(name: str) -> T.Compose:
+    mean, std = cifar_stats(name)
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet-style PCA colour noise on a CHW tensor in [0, 1] (fb.resnet.torch, alphastd 0.1)."""
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        super().__init__()
+        self.alphastd = alphastd
+        self.register_buffer("eigval", torch.tensor(IMAGENET_EIGVAL))
+        self.register_buffer("eigvec", torch.tensor(IMAGENET_EIGVEC))
+
+    def forward(self, img: Tensor) -> Tensor:
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3) * self.alphastd
+        rgb = self.eigvec @ (alpha * self.eigval)
+        return img + rgb.view(3, 1, 1).to(img.dtype)
+
+
+def imagenet_train_transform(size: int = 224) -> T.Compose:
+    """fb.resnet.torch: random-sized crop (bicubic), colour jitter in random order, PCA lighting,
+    normalise, horizontal flip."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                interpolation=T.InterpolationMode.BICUBIC,
+            ),
+            # torchvision's ColorJitter applies its factors in a random order, like fb.resnet.torch.
+            T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+            T.ToTensor(),
+            Lighting(0.1),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def imagenet_eval_transform(size: int = 224, ten_crop: bool = False) -> T.Compose:
+    """Resize the shorter side to size*256/224, then one centre crop (paper) or ten crops."""
+    resize = round(size * 256 / 224)
+    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if ten_crop:
+        return T.Compose([T.Resize(resize), T.TenCrop(size), StackCrops(normalize)])
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), normalize])
+
+
+class StackCrops(torch.nn.Module):
+    """Apply `transform` to each crop of a TenCrop tuple and stack them into a 10xCxHxW tensor."""
+
+    def __init__(self, transform: T.Compose) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, crops: tuple) -> Tensor:
+        return torch.stack([self.transform(c) for c in crops])

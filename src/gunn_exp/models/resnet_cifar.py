@@ -1,0 +1,64 @@
+"""CIFAR ResNet-18: the usual benchmark yardstick for GUNN's speed and accuracy.
+
+The widespread CIFAR variant of He et al.'s ResNet-18: a 3x3 stride-1 stem without max pooling,
+BasicBlocks [2, 2, 2, 2] of widths 64, 128, 256, 512 (stride 2 from the second stage on), global
+average pooling and a linear classifier. It exposes the same model API as `Gunn`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from gunn_exp.models.gunn import ImageClassifier, conv_bn_relu, init_weights
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 Conv-BN with an identity (or 1x1 Conv-BN when the shape changes) shortcut."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, out_chans, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_chans)
+        self.conv2 = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chans)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_chans != out_chans:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chans, out_chans, 1, stride, bias=False), nn.BatchNorm2d(out_chans)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn1(self.conv1(x)).relu()
+        h = self.bn2(self.conv2(h))
+        return (h + self.shortcut(x)).relu()
+
+
+class ResNetCifar(ImageClassifier):
+    """ResNet with BasicBlocks and a CIFAR stem; `blocks` and `widths` give the stages."""
+
+    def __init__(
+        self,
+        blocks: tuple[int, ...] = (2, 2, 2, 2),
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(in_chans, widths[0], kernel=3)
+        stages = []
+        in_width = widths[0]
+        for s, (n, width) in enumerate(zip(blocks, widths, strict=True)):
+            strides = [1 if s == 0 else 2] + [1] * (n - 1)
+            stage = []
+            for stride in strides:
+                stage.append(BasicBlock(in_width, width, stride))
+                in_width = width
+            stages.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*stages)
+        self._build_head(in_width, num_classes, drop_rate)
+        init_weights(self)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Image batch -> unpooled feature map with `num_features` channels."""
+        return self.stages(self.stem(x))

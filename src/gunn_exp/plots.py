@@ -1,0 +1,45 @@
+"""Figures: training curves of one run (or several runs on one axis set)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: training runs headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+Rows = Sequence[Mapping[str, float]]
+
+
+def plot_curves(runs: Mapping[str, Rows], path: str | Path, title: str = "") -> Path:
+    """Loss and top-1 error per epoch, train (dashed) and val (solid), one colour per run.
+
+    `runs` maps a label to per-epoch rows with keys `epoch`, `train/loss`, `val/loss`,
+    `train/err1`, `val/err1` (missing keys are skipped). The file is replaced atomically.
+    """
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    for color, (label, rows) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, runs.items()):
+        for ax, key in ((ax_loss, "loss"), (ax_err, "err1")):
+            for split, style in (("train", "--"), ("val", "-")):
+                pts = [(r["epoch"], r[f"{split}/{key}"]) for r in rows if r.get(f"{split}/{key}") is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, style, color=color, label=f"{label} {split}".strip())
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="top-1 error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

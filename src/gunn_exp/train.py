@@ -1,0 +1,104 @@
+"""train(cfg): build data, model and trainer from a Hydra config, fit, test, write the results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gunn_exp.callbacks import EpochSummary
+from gunn_exp.config import print_config, save_config, validate_config
+from gunn_exp.module import ClassificationModule
+from gunn_exp.results import summary_lines, write_results
+
+log = logging.getLogger(__name__)
+
+# Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.
+SKIP_FROM_HPARAMS = ("paths/", "callbacks/", "logger/", "hydra/")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a `callbacks`/`logger` group (a dict of named configs)."""
+    if not group:
+        return []
+    return [instantiate(conf) for conf in group.values() if conf and "_target_" in conf]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results."""
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    save_config(cfg, output_dir / "config.yaml")
+    if cfg.get("print_config", True):
+        print_config(cfg, ["data", "model", "optimizer", "scheduler", "trainer", "seed"])
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: torch.nn.Module = instantiate(cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    log.info(f"model {cfg.model.name}: {params:,} parameters")
+    module = ClassificationModule(
+        model=model,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        channels_last=cfg.get("channels_last", False),
+    )
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams({"params": params, **_flat_config(cfg)})
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    wall_time = time.perf_counter() - start
+    # The final weights are tested (the best epoch's validation error is reported beside them).
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+
+    rows = next((cb.rows for cb in callbacks if isinstance(cb, EpochSummary)), [])
+    val_rows = [r for r in rows if "val/err1" in r]
+    best = min(val_rows, key=lambda r: r["val/err1"], default=None)
+    results = {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "seed": cfg.get("seed"),
+        "params": params,
+        "epochs": trainer.current_epoch,
+        "wall_time_s": round(wall_time, 2),
+        "test_err1": test.get("test/err1"),
+        "test_err5": test.get("test/err5"),
+        "test_loss": test.get("test/loss"),
+        "best_val_err1": best["val/err1"] if best else None,
+        "best_val_epoch": int(best["epoch"]) if best else None,
+        "final_val_err1": val_rows[-1]["val/err1"] if val_rows else None,
+        "final_val_err5": val_rows[-1].get("val/err5") if val_rows else None,
+        "output_dir": str(output_dir),
+        "tags": list(cfg.get("tags") or []),
+    }
+    if trainer.is_global_zero:
+        # Class names let a run directory classify images on its own (see classify.py).
+        (output_dir / "classes.json").write_text(json.dumps(list(datamodule.classes)))
+        write_results(results, output_dir)
+        for line in summary_lines(results):
+            log.info(line)
+    return results
+
+
+def _flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as flat `group/key` hyper-parameters for loggers."""
+
+    def flatten(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}/").items()}
+        return {prefix.rstrip("/"): node}
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in flatten(container, "").items() if not k.startswith(SKIP_FROM_HPARAMS)}

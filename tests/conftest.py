@@ -1,0 +1,91 @@
+"""Shared fixtures: the repository root, a real `train.py` runner, CIFAR files in the real format."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Fast, quiet, offline settings for every subprocess run of an entry point.
+RUN_ENV = {
+    **os.environ,
+    "WANDB_MODE": "disabled",
+    "HYDRA_FULL_ERROR": "0",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def run_entry(
+    script: str, *overrides: str, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run `python <script> <overrides>` from the repo root as a user would."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{script} {' '.join(overrides)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture
+def run_train(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess[str], Path]]:
+    """Run train.py into a fresh run directory under tmp_path; returns (process, run_dir)."""
+
+    def run(*overrides: str, check: bool = True, run_dir: Path | None = None, timeout: int = 300):
+        run_dir = run_dir or tmp_path / "run"
+        proc = run_entry(
+            "train.py", f"hydra.run.dir={run_dir}", "print_config=false", *overrides,
+            check=check, timeout=timeout,
+        )
+        return proc, run_dir
+
+    return run
+
+
+def write_cifar(root: Path, name: str = "cifar10", n_train: int = 40, n_test: int = 20) -> Path:
+    """Write a small CIFAR-10/100 in torchvision's python-pickle layout (what the real tarball
+    extracts to): 5 train batches + test batch + meta, uint8 rows of 3x32x32 values."""
+    rng = np.random.default_rng(0)
+    classes = 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def batch(n: int) -> dict:
+        return {
+            "data": rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8),
+            label_key: rng.integers(0, classes, size=n).tolist(),
+        }
+
+    if name == "cifar10":
+        files = {f"data_batch_{i}": batch(n_train // 5) for i in range(1, 6)}
+        files["test_batch"] = batch(n_test)
+        files["batches.meta"] = {"label_names": [f"class{i}" for i in range(classes)]}
+    else:
+        files = {"train": batch(n_train), "test": batch(n_test)}
+        files["meta"] = {"fine_label_names": [f"class{i}" for i in range(classes)]}
+    for fname, content in files.items():
+        with (folder / fname).open("wb") as f:
+            pickle.dump(content, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, "cifar10")
+    write_cifar(root, "cifar100")
+    return root
