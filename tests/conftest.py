@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository root, a real `train.py` runner, CIFAR files in the real format."""
+"""Shared fixtures: the repo root, a real `train.py` runner, CIFAR files in the real format."""
 
 from __future__ import annotations
 
@@ -30,7 +30,11 @@ def run_entry(
     """Run `python <script> <overrides>` from the repo root as a user would."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
-        cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=RUN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -47,8 +51,12 @@ def run_train(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess
     def run(*overrides: str, check: bool = True, run_dir: Path | None = None, timeout: int = 300):
         run_dir = run_dir or tmp_path / "run"
         proc = run_entry(
-            "train.py", f"hydra.run.dir={run_dir}", "print_config=false", *overrides,
-            check=check, timeout=timeout,
+            "train.py",
+            f"hydra.run.dir={run_dir}",
+            "print_config=false",
+            *overrides,
+            check=check,
+            timeout=timeout,
         )
         return proc, run_dir
 

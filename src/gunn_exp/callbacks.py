@@ -14,8 +14,15 @@ from gunn_exp.plots import plot_curves
 log = logging.getLogger(__name__)
 
 COLUMNS = (
-    "epoch", "lr", "train/loss", "train/err1", "train/err5",
-    "val/loss", "val/err1", "val/err5", "epoch_time_s",
+    "epoch",
+    "lr",
+    "train/loss",
+    "train/err1",
+    "train/err5",
+    "val/loss",
+    "val/err1",
+    "val/err5",
+    "epoch_time_s",
 )
 
 
@@ -61,7 +68,9 @@ class EpochSummary(pl.Callback):
             return
         self._write_csv()
         if self.plot:
-            plot_curves({"": self.rows}, self.plot_path, title=f"{pl_module.model.__class__.__name__}")
+            plot_curves(
+                {"": self.rows}, self.plot_path, title=f"{pl_module.model.__class__.__name__}"
+            )
         log.info(format_row(row, trainer.max_epochs))
 
     def _write_csv(self) -> None:
@@ -78,11 +87,13 @@ def _fmt(value: float) -> str:
 
 
 def format_row(row: dict[str, float], max_epochs: int | None) -> str:
-    """`epoch 3/30 | lr 0.1 | train loss 0.412 err1 12.30 | val loss 0.388 err1 11.10 err5 0.90 | 4.2s`"""
+    """One log line: `epoch 3/30 | lr 0.1 | train loss 0.412 err1 12.30 ... | val ... | 4.2s`."""
     parts = [f"epoch {int(row['epoch'])}/{max_epochs}", f"lr {row['lr']:.3g}"]
     for split in ("train", "val"):
         vals = [
-            f"{name} {row[f'{split}/{name}']:.3f}" if name == "loss" else f"{name} {row[f'{split}/{name}']:.2f}"
+            f"{name} {row[f'{split}/{name}']:.3f}"
+            if name == "loss"
+            else f"{name} {row[f'{split}/{name}']:.2f}"
             for name in ("loss", "err1", "err5")
             if f"{split}/{name}" in row
         ]

@@ -99,7 +99,9 @@ def print_config(cfg: DictConfig, fields: Sequence[str] | None = None) -> None:
     tree = Tree("config", guide_style="dim")
     for field in fields or list(cfg.keys()):
         value = cfg.get(field)
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
         tree.add(field).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
     rprint(tree)
 

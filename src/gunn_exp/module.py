@@ -73,7 +73,9 @@ class ClassificationModule(pl.LightningModule):
         for k in (1, 5):
             metric = self.errors[f"{stage}_err{k}"]
             metric.update(logits.detach(), y)
-            self.log(f"{stage}/err{k}", metric, on_step=False, on_epoch=True, prog_bar=show and k == 1)
+            self.log(
+                f"{stage}/err{k}", metric, on_step=False, on_epoch=True, prog_bar=show and k == 1
+            )
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -90,4 +92,7 @@ class ClassificationModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }

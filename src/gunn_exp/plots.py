@@ -21,12 +21,17 @@ def plot_curves(runs: Mapping[str, Rows], path: str | Path, title: str = "") -> 
     `train/err1`, `val/err1` (missing keys are skipped). The file is replaced atomically.
     """
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
-    for color, (label, rows) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, runs.items()):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * (1 + len(runs) // 10)
+    for color, (label, rows) in zip(colors, runs.items(), strict=False):
         for ax, key in ((ax_loss, "loss"), (ax_err, "err1")):
             for split, style in (("train", "--"), ("val", "-")):
-                pts = [(r["epoch"], r[f"{split}/{key}"]) for r in rows if r.get(f"{split}/{key}") is not None]
+                pts = [
+                    (r["epoch"], r[f"{split}/{key}"])
+                    for r in rows
+                    if r.get(f"{split}/{key}") is not None
+                ]
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, style, color=color, label=f"{label} {split}".strip())
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="top-1 error")

@@ -21,6 +21,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """The closing lines of a run: what was trained and how well."""
+
     def pct(key: str) -> str:
         value = results.get(key)
         return "n/a" if value is None else f"{value:.2f}%"

@@ -11,24 +11,26 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gunn_exp.callbacks import EpochSummary
 from gunn_exp.config import print_config, save_config, validate_config
+from gunn_exp.loggers import log_curves, log_run_setup, wandb_group
 from gunn_exp.module import ClassificationModule
 from gunn_exp.results import summary_lines, write_results
 
 log = logging.getLogger(__name__)
 
-# Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.
-SKIP_FROM_HPARAMS = ("paths/", "callbacks/", "logger/", "hydra/")
 
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
+def instantiate_group(group: DictConfig | None, **wandb_kwargs: Any) -> list[Any]:
     """Instantiate every entry of a `callbacks`/`logger` group (a dict of named configs)."""
     if not group:
         return []
-    return [instantiate(conf) for conf in group.values() if conf and "_target_" in conf]
+    return [
+        instantiate(conf, **(wandb_kwargs if name == "wandb" else {}))
+        for name, conf in group.items()
+        if conf and "_target_" in conf
+    ]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -52,10 +54,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         channels_last=cfg.get("channels_last", False),
     )
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = instantiate_group(cfg.get("logger"), group=wandb_group(cfg))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
-        logger.log_hyperparams({"params": params, **_flat_config(cfg)})
+    log_run_setup(loggers, cfg, params)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -87,18 +88,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Class names let a run directory classify images on its own (see classify.py).
         (output_dir / "classes.json").write_text(json.dumps(list(datamodule.classes)))
         write_results(results, output_dir)
+        log_curves(loggers, output_dir / "curves.png")
         for line in summary_lines(results):
             log.info(line)
     return results
-
-
-def _flat_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as flat `group/key` hyper-parameters for loggers."""
-
-    def flatten(node: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, sub in node.items() for k, v in flatten(sub, f"{prefix}{key}/").items()}
-        return {prefix.rstrip("/"): node}
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in flatten(container, "").items() if not k.startswith(SKIP_FROM_HPARAMS)}

@@ -10,6 +10,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from gunn_exp.data.base import ImageDataModule
 from gunn_exp.data.transforms import cifar_eval_transform, cifar_stats, cifar_train_transform
 
+
 class _UncheckedCIFAR10(CIFAR10):
     """CIFAR-10 that only checks that its files exist (no md5): re-packed copies, test fixtures."""
 
@@ -25,8 +26,16 @@ class _UncheckedCIFAR100(_UncheckedCIFAR10, CIFAR100):
 _UNCHECKED = {"cifar10": _UncheckedCIFAR10, "cifar100": _UncheckedCIFAR100}
 
 _DATASETS = {
-    "cifar10": (CIFAR10, "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": (CIFAR100, "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "cifar10": (
+        CIFAR10,
+        "cifar-10-batches-py",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    "cifar100": (
+        CIFAR100,
+        "cifar-100-python",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
 }
 
 
@@ -81,7 +90,9 @@ class CIFARDataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         cls = self._dataset_class
-        train = cls(self.data_dir, train=True, transform=cifar_train_transform(self.name, self.jigsaw))
+        train = cls(
+            self.data_dir, train=True, transform=cifar_train_transform(self.name, self.jigsaw)
+        )
         test = cls(self.data_dir, train=False, transform=cifar_eval_transform(self.name))
         self.classes = list(train.classes)
         if self.val_size:

@@ -28,7 +28,9 @@ class DigitsDataModule(ImageDataModule):
         **kwargs,
     ) -> None:
         super().__init__(name=name, **kwargs)
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        if not (
+            0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1
+        ):
             raise ValueError(
                 f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be "
                 f"in (0, 1) and sum to less than 1."

@@ -22,7 +22,11 @@ class ImageNetDataModule(ImageDataModule):
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
-        self, data_dir: str = "data/imagenet", ten_crop: bool = False, name: str = "imagenet", **kwargs
+        self,
+        data_dir: str = "data/imagenet",
+        ten_crop: bool = False,
+        name: str = "imagenet",
+        **kwargs,
     ) -> None:
         super().__init__(name=name, **kwargs)
         self.data_dir = Path(data_dir)

@@ -26,6 +26,6 @@ class SyntheticDataModule(ImageDataModule):
         shape = (self.in_chans, self.image_size, self.image_size)
         sets = [
             FakeData(n, shape, self.num_classes, transform=T.ToTensor(), random_offset=offset)
-            for offset, n in zip((0, 10**6, 2 * 10**6), self.sizes.values())
+            for offset, n in zip((0, 10**6, 2 * 10**6), self.sizes.values(), strict=True)
         ]
         self.train_set, self.val_set, self.test_set = sets

@@ -1,0 +1,64 @@
+"""Experiment-logger extras Lightning does not do for us: wandb sweep groups, config, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger, WandbLogger
+
+
+def sweep_group() -> str | None:
+    """The multirun sweep directory's name, so a sweep's runs share one wandb group."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).name
+
+
+def wandb_group(cfg: DictConfig) -> str | None:
+    """Resolver-free default for `logger.wandb.group`: explicit value, else the sweep's name."""
+    explicit = OmegaConf.select(cfg, "logger.wandb.group")
+    return explicit if explicit is not None else sweep_group()
+
+
+def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
+    """Record the resolved config and the parameter count with every logger."""
+    hparams: dict[str, Any] = {"params": params, **flat_config(cfg)}
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary["params"] = params
+
+
+def log_curves(loggers: list[Logger], path: Path) -> None:
+    """Attach the run's final curves plot to wandb runs."""
+    if not path.is_file():
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="curves", images=[str(path)])
+
+
+# Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.
+SKIP_FROM_HPARAMS = ("paths/", "callbacks/", "logger/", "hydra/")
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as flat `group/key` hyper-parameters."""
+
+    def flatten(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            flat: dict[str, Any] = {}
+            for key, sub in node.items():
+                flat.update(flatten(sub, f"{prefix}{key}/"))
+            return flat
+        return {prefix.rstrip("/"): node}
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in flatten(container, "").items() if not k.startswith(SKIP_FROM_HPARAMS)}
