@@ -45,5 +45,13 @@ summarize: $(STAMP) ## Complexity report: make summarize ARGS="model=gunn24 data
 benchmark: $(STAMP) ## Implementation benchmark: make benchmark ARGS="model=gunn15"
 	$(BIN)/python benchmark.py $(ARGS)
 
+ablation: $(STAMP) ## GUNN vs SUNN, 3 seeds, digits on the CPU (~10 min); GPU: ARGS="data=cifar10"
+	dir=logs/ablation/multiruns/$$(date +%Y-%m-%d_%H-%M-%S); \
+	$(BIN)/python train.py -m experiment=ablation print_config=false hydra.sweep.dir=$$dir $(ARGS) && \
+	$(BIN)/python report.py $$dir --out $$dir/ablation --title "GUNN vs SUNN ablation"
+
+report: $(STAMP) ## Runs vs the paper: make report ARGS="logs/gunn15_cifar10 --out results"
+	$(BIN)/python report.py $(ARGS)
+
 clean: ## Remove run outputs and caches (keeps .venv)
 	rm -rf logs .pytest_cache .ruff_cache

@@ -17,18 +17,20 @@ from gunn_exp.callbacks import EpochSummary
 from gunn_exp.config import print_config, save_config, validate_config
 from gunn_exp.loggers import log_curves, log_run_setup, wandb_group
 from gunn_exp.module import ClassificationModule
+from gunn_exp.preprocessing import Preprocessing
 from gunn_exp.results import summary_lines, write_results
+from gunn_exp.weights import init_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None, **wandb_kwargs: Any) -> list[Any]:
+def instantiate_group(configs: DictConfig | None, **wandb_kwargs: Any) -> list[Any]:
     """Instantiate every entry of a `callbacks`/`logger` group (a dict of named configs)."""
-    if not group:
+    if not configs:
         return []
     return [
         instantiate(conf, **(wandb_kwargs if name == "wandb" else {}))
-        for name, conf in group.items()
+        for name, conf in configs.items()
         if conf and "_target_" in conf
     ]
 
@@ -45,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: torch.nn.Module = instantiate(cfg.model)
+    if cfg.get("init_from"):  # fine-tuning: start from another run's weights (weights.py)
+        init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"model {cfg.model.name}: {params:,} parameters")
     module = ClassificationModule(
@@ -87,6 +91,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         # Class names let a run directory classify images on its own (see classify.py).
         (output_dir / "classes.json").write_text(json.dumps(list(datamodule.classes)))
+        Preprocessing.from_datamodule(datamodule).save(output_dir)
         write_results(results, output_dir)
         log_curves(loggers, output_dir / "curves.png")
         for line in summary_lines(results):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 # Per-channel statistics on the 0-255 scale, as in the authors' datasets/cifar*-gen.lua.
 CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -78,15 +82,61 @@ class Lighting(torch.nn.Module):
         return img + rgb.view(3, 1, 1).to(img.dtype)
 
 
+class RandomSizedCrop(torch.nn.Module):
+    """fb.resnet.torch's RandomSizedCrop on a PIL image: up to 10 tries of a crop whose area is
+    U(0.08, 1) of the image and whose aspect ratio is U(3/4, 4/3) (uniform, then w and h swapped
+    with p=1/2), resized to size x size (bicubic); else resize + centre crop.
+
+    torchvision's RandomResizedCrop draws the ratio log-uniformly and never swaps, a slightly
+    different distribution; this one follows SPEC §3.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        attempts: int = 10,
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+        self.attempts = attempts
+        self.fallback = T.Compose(
+            [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)]
+        )
+
+    def get_params(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """(top, left, h, w) of a crop of a height x width image; None when every attempt missed."""
+        for _ in range(self.attempts):
+            area = float(torch.empty(()).uniform_(*self.scale)) * height * width
+            aspect = float(torch.empty(()).uniform_(*self.ratio))
+            w = round(math.sqrt(area * aspect))
+            h = round(math.sqrt(area / aspect))
+            if float(torch.rand(())) < 0.5:
+                w, h = h, w
+            if h <= height and w <= width:
+                top = int(torch.randint(height - h + 1, ()))
+                left = int(torch.randint(width - w + 1, ()))
+                return top, left, h, w
+        return None
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        params = self.get_params(img.height, img.width)
+        if params is None:
+            return self.fallback(img)
+        return TF.resized_crop(
+            img, *params, [self.size, self.size], interpolation=T.InterpolationMode.BICUBIC
+        )
+
+
 def imagenet_train_transform(size: int = 224) -> T.Compose:
     """fb.resnet.torch: random-sized crop (bicubic), colour jitter in random order, PCA lighting,
     normalise, horizontal flip."""
     return T.Compose(
         [
-            T.RandomResizedCrop(
-                size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                interpolation=T.InterpolationMode.BICUBIC,
-            ),
+            RandomSizedCrop(size),
             # torchvision's ColorJitter applies its factors in a random order, like fb.resnet.torch.
             T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
             T.ToTensor(),
@@ -98,12 +148,17 @@ def imagenet_train_transform(size: int = 224) -> T.Compose:
 
 
 def imagenet_eval_transform(size: int = 224, ten_crop: bool = False) -> T.Compose:
-    """Resize the shorter side to size*256/224, then one centre crop (paper) or ten crops."""
-    resize = round(size * 256 / 224)
+    """Resize the shorter side to size*256/224, then one centre crop (paper) or ten crops (the
+    corners and the centre, and their mirror images).
+
+    Bilinear, torchvision's default (fb.resnet.torch's Scale defaults to bicubic; SPEC is silent):
+    gunn_exp.preprocessing replays this resize for inference and must change with it.
+    """
+    resize = T.Resize(round(size * 256 / 224))
     normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if ten_crop:
-        return T.Compose([T.Resize(resize), T.TenCrop(size), StackCrops(normalize)])
-    return T.Compose([T.Resize(resize), T.CenterCrop(size), normalize])
+        return T.Compose([resize, T.TenCrop(size), StackCrops(normalize)])
+    return T.Compose([resize, T.CenterCrop(size), normalize])
 
 
 class StackCrops(torch.nn.Module):

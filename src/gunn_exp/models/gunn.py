@@ -64,7 +64,7 @@ class ImageClassifier(nn.Module):
         self.reset_classifier(num_classes)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one (0: no classifier, return features)."""
+        """Replace the classifier by a freshly initialised one (0: none, return the features)."""
         self.num_classes = num_classes
         self.fc: nn.Module = nn.Identity()
         if num_classes > 0:
@@ -190,7 +190,7 @@ def _check_architecture(
             f"Gunn: widths={list(widths)}, segments={list(segments)} and "
             f"layers_per_stage={list(layers)} must have one entry per stage."
         )
-    for s, (w, k, n) in enumerate(zip(widths, segments, layers), start=1):
+    for s, (w, k, n) in enumerate(zip(widths, segments, layers, strict=True), start=1):
         if k < 1 or w % k:
             raise ValueError(f"Gunn: stage {s}: width {w} is not divisible by segments {k}.")
         if n < 1:

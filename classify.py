@@ -1,0 +1,43 @@
+"""Classify images with a trained run: `python classify.py <run_dir|ckpt> <images or folders>...`
+
+Prints the top-5 classes of every image, with the class names and preprocessing of the dataset the
+run was trained on. Unreadable files are reported by name and skipped; the exit status is 1 when no
+image could be read. argparse, not Hydra: this is a tool over a list of files, not an experiment.
+"""
+
+import argparse
+import logging
+import sys
+
+from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.inference import RunError, list_images, load_run
+from gunn_exp.predict import classify_images
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run directory, or a checkpoint inside one")
+    parser.add_argument("images", nargs="+", help="image files, folders")
+    parser.add_argument("--ckpt", default="best", help="best | last | <path>")
+    parser.add_argument("--top", type=int, default=5, help="classes shown per image")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run = load_run(args.run, args.ckpt, args.device)
+        predictions, skipped = classify_images(run, list_images(args.images), args.top)
+    except (RunError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    width = max((len(name) for p in predictions for name, _ in p.top), default=0)
+    for p in predictions:
+        print(p.name)
+        for rank, (name, prob) in enumerate(p.top, start=1):
+            print(f"  {rank}. {name:<{width}}  {100 * prob:6.2f}%")
+    print(f"{len(predictions)} image(s) classified by {run.model_name} ({run.checkpoint}); "
+          f"{len(skipped)} skipped", file=sys.stderr)
+    return 0 if predictions else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

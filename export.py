@@ -1,0 +1,50 @@
+"""Export a trained run: `python export.py <run_dir|ckpt> [--out DIR] [--format torchscript onnx]`.
+
+Writes model.ts (TorchScript) and model.onnx (dynamic batch) with preprocessing.json and
+classes.json beside them, into <run_dir>/export/ by default, then checks that each file gives the
+eager model's logits on CPU (exit status 1 if one differs by more than --atol).
+argparse, not Hydra: a one-off tool on a finished run, not an experiment.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.export import example_input, export_run, max_differences
+from gunn_exp.inference import RunError, load_run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run directory, or a checkpoint inside one")
+    parser.add_argument("--ckpt", default="best", help="best | last | <path>")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run_dir>/export)")
+    parser.add_argument("--format", nargs="+", choices=["torchscript", "onnx"],
+                        default=["torchscript", "onnx"])
+    parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run = load_run(args.run, args.ckpt, "cpu")
+    except (RunError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = args.out or run.run_dir / "export"
+    for path in export_run(run, out_dir, tuple(args.format)):
+        print(f"wrote {path}")
+    # A different batch size from the tracing example also checks that the batch is dynamic.
+    diffs = max_differences(run.model, out_dir, example_input(run, batch=3))
+    for name, diff in diffs.items():
+        print(f"{name}: max |logit difference| from the eager model {diff:.2e}")
+    bad = [name for name, diff in diffs.items() if diff > args.atol]
+    if bad:
+        print(f"error: {', '.join(bad)} differ from the eager model by more than {args.atol}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Extract features with a trained run: `python features.py <run_dir|ckpt> <images or folders>...
+-o features.npy` (or .pt).
+
+Writes the pooled penultimate features (the classifier's input) of every image, with the file
+names: `.npy` gets a `<stem>.names.txt` beside it (one name per row), `.pt` is one dict
+{features, names, model, checkpoint}. Unreadable files are reported by name and skipped.
+argparse, not Hydra: this is a tool over a list of files, not an experiment.
+"""
+
+import argparse
+import logging
+import sys
+
+from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.inference import RunError, list_images, load_run
+from gunn_exp.predict import extract_features, save_features
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run directory, or a checkpoint inside one")
+    parser.add_argument("images", nargs="+", help="image files, folders")
+    parser.add_argument("-o", "--output", required=True, help="output file, .npy or .pt")
+    parser.add_argument("--ckpt", default="best", help="best | last | <path>")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    args = parser.parse_args()
+    if not args.output.endswith((".npy", ".pt")):
+        parser.error(f"--output {args.output}: must end in .npy or .pt")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run = load_run(args.run, args.ckpt, args.device)
+        names, features, skipped = extract_features(run, list_images(args.images))
+    except (RunError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not names:
+        print("error: no image could be read; nothing written.", file=sys.stderr)
+        return 1
+    written = save_features(args.output, names, features, run)
+    print(f"{features.shape[0]} x {features.shape[1]} features of {run.model_name} "
+          f"({run.checkpoint}) -> {', '.join(map(str, written))}; {len(skipped)} skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

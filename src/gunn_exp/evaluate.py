@@ -1,0 +1,161 @@
+"""evaluate(cfg): re-evaluate a finished run's checkpoint on a test set (eval.py, conf/eval.yaml).
+
+Model and data are rebuilt from `<run_dir>/config.yaml`, so no training override is repeated. A
+`data=<name>` override replaces the run's data config as a whole (data modules take different
+keys, so merging cifar100 over digits would mix them); `ten_crop`, `batch_size` and `num_workers`
+change single keys. Outputs go to `<run_dir>/eval/<ckpt>[_<data>][_tencrop][_first<N>]/`:
+results.json, confusion_matrix.csv/.png (rows: true class, columns: predicted) and
+per_class_error.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from gunn_exp.config import ConfigError, validate_config
+from gunn_exp.data import ImageDataModule
+from gunn_exp.inference import CKPT_NAMES, Run, load_run, predict_probs
+from gunn_exp.results import write_results
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_LABELLED_CLASSES = 30  # beyond this the confusion matrix plot has no tick labels
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt` of run `cfg.run_dir` on the test split; return and write the results."""
+    validate_config(cfg)
+    run = load_run(cfg.run_dir, cfg.ckpt, device=cfg.device)
+    data_cfg = _data_config(cfg, run.config)
+    validate_config(OmegaConf.create({"data": data_cfg}))
+    num_classes = int(run.config.model.num_classes)
+    if data_cfg["num_classes"] != num_classes:
+        raise ConfigError(
+            f"data {data_cfg['name']} has {data_cfg['num_classes']} classes but the model of "
+            f"{run.run_dir} predicts {num_classes}; evaluate on data with the model's label set, "
+            f"or fine-tune first (train.py init_from=<ckpt>, see docs/USING_MODELS.md)."
+        )
+    dm: ImageDataModule = instantiate(data_cfg)
+    dm.prepare_data()
+    dm.setup("test")
+
+    probs, labels = _predict(run, dm.test_dataloader(), cfg.limit_batches)
+    pred = probs.argmax(1)
+    top5 = probs.topk(min(5, num_classes), dim=1).indices
+    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
+    confusion = confusion.view(num_classes, num_classes)
+    results = {
+        "run_dir": str(run.run_dir),
+        "checkpoint": str(run.checkpoint),
+        "epoch": run.epoch,
+        "model": run.model_name,
+        "data": data_cfg["name"],
+        "ten_crop": bool(data_cfg.get("ten_crop", False)),
+        "limit_batches": cfg.limit_batches,
+        "images": len(labels),
+        "err1": 100.0 * (pred != labels).float().mean().item(),
+        "err5": 100.0 * (top5 != labels[:, None]).all(1).float().mean().item(),
+        "loss": F.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
+    }
+    out_dir = run.run_dir / "eval" / _tag(cfg, data_cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["output_dir"] = str(out_dir)
+    write_results(results, out_dir)
+    _write_confusion(confusion, dm.classes, out_dir)
+    _plot_confusion(confusion, dm.classes, out_dir / "confusion_matrix.png", _title(results))
+    log.info(f"{_title(results)}: top-1 error {results['err1']:.2f}%   top-5 error "
+             f"{results['err5']:.2f}%   ({results['images']} test images)")
+    log.info(f"written to {out_dir}")
+    return results
+
+
+def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
+    """The data config to evaluate on: the run's, or `data=<name>`'s, with eval's key overrides."""
+    source = cfg.data if cfg.get("data") else run_config.data
+    data: dict[str, Any] = OmegaConf.to_container(source, resolve=True)  # type: ignore[assignment]
+    if "ten_crop" in data:
+        data["ten_crop"] = bool(cfg.ten_crop)  # eval's choice wins, so the output tag is true
+    elif cfg.ten_crop:
+        raise ConfigError(
+            f"ten_crop=true: data {data['name']} has no ten-crop evaluation (only ImageNet-style "
+            f"data, which resizes before cropping); drop ten_crop."
+        )
+    for key in ("batch_size", "num_workers"):
+        if cfg[key] is not None:
+            data[key] = cfg[key]
+    return data
+
+
+def _predict(run: Run, loader: Any, limit: int | None) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities and labels of the loader's first `limit` batches (all if None)."""
+    probs, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i >= limit:
+            break
+        probs.append(predict_probs(run.model, x.to(run.device)).float().cpu())
+        labels.append(y)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
+    tag = cfg.ckpt if cfg.ckpt in CKPT_NAMES else Path(cfg.ckpt).stem
+    if cfg.get("data"):
+        tag += f"_{data_cfg['name']}"
+    if data_cfg.get("ten_crop"):
+        tag += "_tencrop"
+    if cfg.limit_batches is not None:
+        tag += f"_first{cfg.limit_batches}"
+    return tag
+
+
+def _title(results: dict[str, Any]) -> str:
+    crops = ", ten-crop" if results["ten_crop"] else ""
+    return (f"{results['model']} ({Path(results['checkpoint']).name}, epoch {results['epoch']}) "
+            f"on {results['data']}{crops}")
+
+
+def _write_confusion(confusion: Tensor, classes: list[str], out_dir: Path) -> None:
+    """confusion_matrix.csv (counts; rows true, columns predicted) and per_class_error.csv."""
+    with (out_dir / "confusion_matrix.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *classes])
+        rows = zip(classes, confusion.tolist(), strict=True)
+        writer.writerows([name, *row] for name, row in rows)
+    with (out_dir / "per_class_error.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "class", "images", "errors", "err1"])
+        for i, (name, row) in enumerate(zip(classes, confusion.tolist(), strict=True)):
+            images = sum(row)
+            errors = images - row[i]
+            err1 = f"{100 * errors / images:.2f}" if images else ""
+            writer.writerow([i, name, images, errors, err1])
+
+
+def _plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (each true class sums to 1), so rare classes show too."""
+    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="fraction of the true class")
+    if n <= MAX_LABELLED_CLASSES:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

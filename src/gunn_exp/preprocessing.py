@@ -1,0 +1,92 @@
+"""How an image file becomes a model input: recorded per run so inference needs no dataset.
+
+Training pipelines live in the DataModules and some of their numbers exist only after `setup()`
+(digits normalises with its training split's statistics). `train(cfg)` therefore writes the
+evaluation preprocessing of its data to `<run>/preprocessing.json`; classify, features and export
+read it back, and an exported model ships the same file, so any runtime can reproduce it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms as T
+
+from gunn_exp.data import DigitsDataModule, ImageDataModule, ImageNetDataModule
+
+FILENAME = "preprocessing.json"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The evaluation pipeline of one dataset, as plain numbers.
+
+    Steps: read the file as `color` ("RGB", or "L" for one grey channel), resize its shorter side
+    to `resize` pixels (bilinear), centre-crop `crop` x `crop`, scale pixels to [0, 1], subtract
+    `mean` and divide by `std` per channel, and repeat a grey channel `in_chans` times.
+    For CIFAR and digits `resize == crop` (images of the training size pass unchanged); for
+    ImageNet it is the usual 256/224 resize before the centre crop.
+    """
+
+    dataset: str
+    color: str
+    resize: int
+    crop: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int
+
+    @classmethod
+    def from_datamodule(cls, dm: ImageDataModule) -> Preprocessing:
+        """The pipeline of `dm`'s test split (call after `setup()`: digits' statistics need it)."""
+        size = dm.image_size
+        # Same resize as imagenet_eval_transform; other datasets are stored at their input size.
+        resize = round(size * 256 / 224) if isinstance(dm, ImageNetDataModule) else size
+        # Digits are grey images replicated to in_chans channels, normalised with one mean/std.
+        grey = isinstance(dm, DigitsDataModule)
+        return cls(
+            dataset=dm.name,
+            color="L" if grey else "RGB",
+            resize=resize,
+            crop=size,
+            mean=tuple(dm.mean[:1] if grey else dm.mean),
+            std=tuple(dm.std[:1] if grey else dm.std),
+            in_chans=dm.in_chans,
+        )
+
+    @cached_property
+    def _pipeline(self) -> T.Compose:
+        return T.Compose(
+            [
+                T.Resize(self.resize),
+                T.CenterCrop(self.crop),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        """PIL image -> normalised `in_chans` x crop x crop float tensor."""
+        x = self._pipeline(img.convert(self.color))
+        return x.expand(self.in_chans, -1, -1) if x.shape[0] == 1 else x
+
+    def load(self, path: str | Path) -> Tensor:
+        """Read and preprocess one image file (PIL errors propagate: the caller reports them)."""
+        with Image.open(path) as img:
+            return self(img)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / FILENAME
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Preprocessing:
+        fields = json.loads((Path(folder) / FILENAME).read_text())
+        fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
+        return cls(**fields)

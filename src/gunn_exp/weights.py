@@ -1,0 +1,136 @@
+"""Putting a checkpoint's weights into a model: exactly (inference) or all but the classifier
+(fine-tuning), refusing with the differing tensors named when the architectures do not match.
+
+`load_state_dict`'s own error is a wall of key names; these messages say which model was expected,
+what differs (first few tensors with both shapes) and what to do about it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from gunn_exp.checkpointing import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+PREFIX = "model."  # ClassificationModule keeps the network under `self.model`
+SHOWN = 4  # differing tensors named in a message
+
+
+@dataclass
+class StateDiff:
+    """How a checkpoint's tensors differ from a model's (keys without the `model.` prefix)."""
+
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @classmethod
+    def between(cls, model: nn.Module, state: dict[str, Tensor]) -> StateDiff:
+        own = model.state_dict()
+        return cls(
+            missing=[k for k in own if k not in state],
+            unexpected=[k for k in state if k not in own],
+            shapes=[
+                (k, tuple(state[k].shape), tuple(v.shape))
+                for k, v in own.items()
+                if k in state and state[k].shape != v.shape
+            ],
+        )
+
+    def without(self, keys: set[str]) -> StateDiff:
+        """The differences outside `keys` (e.g. outside the classifier)."""
+        return StateDiff(
+            [k for k in self.missing if k not in keys],
+            [k for k in self.unexpected if k not in keys],
+            [s for s in self.shapes if s[0] not in keys],
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.shapes:
+            shown = ", ".join(f"{k} {list(a)} in the checkpoint vs {list(b)} in the model"
+                              for k, a, b in self.shapes[:SHOWN])
+            parts.append(
+                f"{len(self.shapes)} tensor(s) of another shape ({shown}{_more(self.shapes)})"
+            )
+        if self.missing:
+            parts.append(f"{len(self.missing)} tensor(s) missing from the checkpoint "
+                         f"({', '.join(self.missing[:SHOWN])}{_more(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} tensor(s) the model does not have "
+                         f"({', '.join(self.unexpected[:SHOWN])}{_more(self.unexpected)})")
+        return "; ".join(parts)
+
+
+def _more(items: list[Any]) -> str:
+    return f", ... {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+
+
+def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
+    """The network's tensors of a ClassificationModule checkpoint, keys without `model.`."""
+    state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    if not state:
+        raise CheckpointError(
+            f"checkpoint {path} holds no network weights (no '{PREFIX}*' tensors): it was not "
+            f"written by gunn-exp's train.py."
+        )
+    return state
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """State keys of the classifier (`fc`, the model API's last Linear): replaced on fine-tuning."""
+    return {f"fc.{k}" for k in model.fc.state_dict()}
+
+
+def load_weights(model: nn.Module, path: str | Path, model_name: str) -> dict[str, Any]:
+    """Load every tensor of checkpoint `path` into `model`, or refuse naming what differs.
+
+    Returns the checkpoint (for its epoch and other metadata).
+    """
+    ckpt = load_checkpoint(path)
+    state = model_state(ckpt, path)
+    diff = StateDiff.between(model, state)
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} does not match model {model_name}: {diff}. It was trained with "
+            f"another model config; use the checkpoint of this run or the run it belongs to."
+        )
+    model.load_state_dict(state)
+    return ckpt
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> list[str]:
+    """Fine-tuning: copy checkpoint `path` into `model`, all but a classifier of another shape.
+
+    The classifier is kept when it has the same shape (same number of classes) and left freshly
+    initialised otherwise; every other tensor must match. Returns the re-initialised keys.
+    """
+    ckpt = load_checkpoint(path)
+    state = model_state(ckpt, path)
+    head = classifier_keys(model)
+    diff = StateDiff.between(model, state)
+    backbone = diff.without(head)
+    if backbone:
+        raise CheckpointError(
+            f"init_from={path}: its backbone does not match model {model_name}: {backbone}. "
+            f"Fine-tuning needs the architecture the checkpoint was trained with (only the "
+            f"number of classes may change); set model=<that model>."
+        )
+    fresh = sorted({k for k, _, _ in diff.shapes} | set(diff.missing))
+    copied = {k: v for k, v in state.items() if k not in fresh and k not in diff.unexpected}
+    model.load_state_dict(copied, strict=False)
+    log.info(
+        f"init_from {path}: {len(copied)} tensors copied; "
+        + (f"re-initialised (classifier of another shape): {', '.join(fresh)}" if fresh
+           else "classifier kept (same number of classes)")
+    )
+    return fresh

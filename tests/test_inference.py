@@ -1,0 +1,207 @@
+"""Using a finished run: eval.py, classify.py, features.py, fine-tuning with init_from, and the
+refusals (unreadable images, checkpoints of another model). One tiny digits run serves them all."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_entry
+from hydra.utils import instantiate
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.inference import RunError, find_run, list_images, load_run, pooled_features
+from gunn_exp.models import create_model
+from gunn_exp.preprocessing import Preprocessing
+from gunn_exp.weights import init_from_checkpoint, load_weights
+
+DIGITS = 3  # images written as PNG files for classify/features
+
+
+def digits_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished `experiment=digits debug=tiny` run, trained once per session (also used by
+    test_export.py): the session's base temp folder caches it."""
+    run_dir = tmp_path_factory.getbasetemp() / "digits_run"
+    if not (run_dir / "results.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_entry("train.py", "experiment=digits", "debug=tiny", f"hydra.run.dir={run_dir}",
+                  "print_config=false")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return digits_run_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three sklearn digits as 8x8 grey PNGs (their original resolution), a corrupt PNG and a
+    text file that folder search must ignore."""
+    folder = tmp_path_factory.mktemp("images")
+    digits = load_digits()
+    for i in range(DIGITS):
+        pixels = (digits.images[i] * 255 / 16).round().astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"digit{i}_label{digits.target[i]}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def foreign_checkpoint(path: Path) -> Path:
+    """A Lightning-style checkpoint of a GUNN with other widths than gunn_mini."""
+    model = create_model("gunn", widths=(16, 32), segments=(2, 4), stem_width=16, num_classes=10)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open() as f:
+        return list(csv.reader(f))
+
+
+def test_eval_last_reproduces_the_training_test_error(run_dir: Path) -> None:
+    # debug=tiny tested the final weights (= last.ckpt) on the first 2 test batches.
+    proc = run_entry("eval.py", f"run_dir={run_dir}", "ckpt=last", "limit_batches=2")
+    trained = json.loads((run_dir / "results.json").read_text())
+    out = run_dir / "eval" / "last_first2"
+    results = json.loads((out / "results.json").read_text())
+    assert results["err1"] == pytest.approx(trained["test_err1"], abs=1e-3)
+    assert results["err5"] == pytest.approx(trained["test_err5"], abs=1e-3)
+    assert results["images"] == 128 and results["epoch"] == 2
+    assert "top-1 error" in proc.stdout + proc.stderr
+
+
+def test_eval_best_writes_confusion_matrix_and_per_class_error(run_dir: Path) -> None:
+    run_entry("eval.py", f"run_dir={run_dir}")
+    out = run_dir / "eval" / "best"
+    results = json.loads((out / "results.json").read_text())
+    assert results["images"] == 360 and results["data"] == "digits"  # the whole test split
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    matrix = read_csv(out / "confusion_matrix.csv")
+    assert matrix[0][1:] == [str(c) for c in range(10)]
+    counts = np.array([[int(v) for v in row[1:]] for row in matrix[1:]])
+    assert counts.sum() == 360
+    assert 100 * (1 - np.trace(counts) / 360) == pytest.approx(results["err1"], abs=1e-3)
+    per_class = read_csv(out / "per_class_error.csv")
+    assert per_class[0] == ["index", "class", "images", "errors", "err1"]
+    assert [int(r[2]) for r in per_class[1:]] == counts.sum(1).tolist()
+    assert sum(int(r[3]) for r in per_class[1:]) == 360 - np.trace(counts)
+
+
+def test_eval_on_other_data_with_the_same_classes(run_dir: Path, cifar_root: Path) -> None:
+    # data=<name> replaces the run's data config; the digits model reads 3-channel images.
+    run_entry("eval.py", f"run_dir={run_dir}", "data=cifar10", f"paths.data_dir={cifar_root}",
+              "data.download=false", "data.verify_checksums=false", "num_workers=0")
+    results = json.loads((run_dir / "eval" / "best_cifar10" / "results.json").read_text())
+    assert results["data"] == "cifar10" and results["images"] == 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["data=cifar100"], "has 100 classes but the model"), (["ten_crop=true"], "ten_crop=true")],
+)
+def test_eval_refuses_data_that_cannot_work(run_dir: Path, overrides: list[str], message: str) -> None:
+    proc = run_entry("eval.py", f"run_dir={run_dir}", *overrides, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_eval_refuses_a_checkpoint_of_another_model(run_dir: Path, tmp_path: Path) -> None:
+    ckpt = foreign_checkpoint(tmp_path / "other.ckpt")
+    proc = run_entry("eval.py", f"run_dir={run_dir}", f"ckpt={ckpt}", check=False)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: checkpoint") and "does not match model gunn_mini" in error
+    assert "stem.0.weight [16, 3, 3, 3] in the checkpoint vs [32, 3, 3, 3] in the model" in error
+
+
+def test_classify_prints_top5_and_skips_an_unreadable_file(run_dir: Path, image_dir: Path) -> None:
+    proc = run_entry("classify.py", str(run_dir), str(image_dir))
+    lines = proc.stdout.splitlines()
+    names = [line for line in lines if not line.startswith(" ")]
+    assert names == sorted(p.name for p in image_dir.glob("digit*.png"))
+    ranks = [line.split() for line in lines if line.startswith(" ")]
+    assert len(ranks) == 5 * DIGITS and all(r[1] in "0123456789" for r in ranks)
+    assert "broken.png" in proc.stderr and "notes.txt" not in proc.stdout + proc.stderr
+    assert "3 image(s) classified" in proc.stderr and "1 skipped" in proc.stderr
+
+
+def test_classify_fails_when_no_image_can_be_read(run_dir: Path, image_dir: Path) -> None:
+    proc = run_entry("classify.py", str(run_dir), str(image_dir / "broken.png"), check=False)
+    assert proc.returncode == 1 and "broken.png" in proc.stderr
+
+
+def test_preprocessing_of_an_image_file_matches_the_training_pipeline(
+    run_dir: Path, image_dir: Path
+) -> None:
+    """An 8x8 PNG of a digit, preprocessed for classify, is (up to 8-bit rounding) the tensor
+    the DigitsDataModule trained and tested on."""
+    run = load_run(run_dir)
+    dm = instantiate(run.config.data)
+    dm.setup("fit")
+    assert run.preprocessing == Preprocessing.from_datamodule(dm)
+    dataset = torch.cat([s.tensors[0] for s in (dm.train_set, dm.val_set, dm.test_set)])
+    for path, _ in list_images([image_dir / "digit0_label0.png"]):
+        x = run.preprocessing.load(path)
+        closest = (dataset - x).abs().flatten(1).amax(1).min().item()
+        assert closest < 0.05
+
+
+def test_features_to_npy_with_names(run_dir: Path, image_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "feats.npy"
+    run_entry("features.py", str(run_dir), str(image_dir), "-o", str(out))
+    features = np.load(out)
+    names = (tmp_path / "feats.names.txt").read_text().splitlines()
+    assert names == sorted(p.name for p in image_dir.glob("digit*.png"))
+    run = load_run(run_dir)
+    assert features.shape == (DIGITS, run.model.num_features)
+    expected = pooled_features(run.model, torch.stack([run.preprocessing.load(image_dir / n)
+                                                       for n in names]))
+    np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
+
+
+def test_finetune_digits_to_cifar10(run_dir: Path, cifar_root: Path, tmp_path: Path) -> None:
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    proc = run_entry(
+        "train.py", "data=cifar10", "model=gunn_mini", f"paths.data_dir={cifar_root}",
+        "data.download=false", "data.verify_checksums=false", "data.num_workers=0",
+        "data.batch_size=8", f"init_from={ckpt}", "debug=tiny", f"hydra.run.dir={tmp_path}",
+        "print_config=false",
+    )
+    assert f"init_from {ckpt}:" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["data"] == "cifar10"
+    assert json.loads((tmp_path / "classes.json").read_text())[0] == "class0"
+
+
+def test_init_from_replaces_a_classifier_of_another_size(run_dir: Path) -> None:
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    model = create_model("gunn_mini", num_classes=100)
+    assert init_from_checkpoint(model, ckpt, "gunn_mini") == ["fc.bias", "fc.weight"]
+    trained = load_run(run_dir).model.state_dict()
+    tuned = model.state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in trained.items() if not k.startswith("fc."))
+    assert tuned["fc.weight"].shape == (100, model.num_features)
+
+
+def test_init_from_refuses_another_backbone(run_dir: Path) -> None:
+    with pytest.raises(CheckpointError, match="backbone does not match model resnet18_cifar"):
+        init_from_checkpoint(create_model("resnet18_cifar"), run_dir / "checkpoints" / "best.ckpt",
+                             "resnet18_cifar")
+
+
+def test_unusable_runs_and_checkpoints_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="not a run directory"):
+        find_run(tmp_path)
+    with pytest.raises(RunError, match="no config.yaml beside it"):
+        find_run(foreign_checkpoint(tmp_path / "alone.ckpt"))
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_weights(create_model("gunn_mini"), corrupt, "gunn_mini")

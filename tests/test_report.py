@@ -1,0 +1,165 @@
+"""The results report and the sweep summary: over fake run directories with known numbers, and
+over a real tiny ablation multirun driven through train.py and report.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_entry
+from omegaconf import OmegaConf
+
+from gunn_exp.report import (
+    PAPER,
+    convergence_table,
+    load_runs,
+    mean_curves,
+    results_table,
+    write_report,
+)
+from gunn_exp.sweep import SweepSummary
+
+CURVE_COLUMNS = ("epoch", "lr", "train/loss", "val/err1", "val/err5")
+
+
+def fake_run(
+    run_dir: Path, model: str, data: str, seed: int, err1: float, epochs: int = 4, **extra: object
+) -> Path:
+    """A finished run directory: results.json and a metrics.csv whose val/err1 is lowest at
+    epoch 3 (err1 - 1) and whose train loss is 1/epoch + seed/10."""
+    run_dir.mkdir(parents=True)
+    (run_dir / ".hydra").mkdir()
+    rows = [
+        {"epoch": e, "lr": 0.1, "train/loss": 1 / e + seed / 10,
+         "val/err1": err1 - (1 if e == 3 else 0) + (epochs - e), "val/err5": 10.0 + e}
+        for e in range(1, epochs + 1)
+    ]  # fmt: skip
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    results = {
+        "model": model, "data": data, "seed": seed, "params": 1_585_746, "epochs": epochs,
+        "wall_time_s": 12.5, "test_err1": err1, "test_err5": err1 / 4, "best_val_err1": err1 - 1,
+        "best_val_epoch": 3, "final_val_err1": err1, "final_val_err5": 11.0,
+        "output_dir": "/elsewhere/moved", "tags": [], **extra,
+    }  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep of gunn15 on CIFAR-10 over seeds 0-2 (test errors 4, 5, 6), one digits run of
+    gunn_mini, and one job that died before writing results.json."""
+    root = tmp_path / "sweep"
+    for seed, err in enumerate((4.0, 5.0, 6.0)):
+        fake_run(root / f"{seed}_gunn15_cifar10", "gunn15", "cifar10", seed, err)
+    fake_run(root / "3_gunn_mini_digits", "gunn_mini", "digits", 0, 9.0)
+    (root / "4_gunn15_cifar10" / ".hydra").mkdir(parents=True)
+    return root
+
+
+def test_load_runs_finds_finished_runs_once(sweep: Path) -> None:
+    runs = load_runs([sweep, sweep / "0_gunn15_cifar10", str(sweep / "*" / "results.json")])
+    assert [(r["model"], r["seed"]) for r in runs] == [
+        ("gunn15", 0), ("gunn15", 1), ("gunn15", 2), ("gunn_mini", 0),
+    ]  # fmt: skip
+    first = runs[0]
+    assert first["run_dir"] == str((sweep / "0_gunn15_cifar10").resolve())  # where it is now
+    assert [row["epoch"] for row in first["curve"]] == [1, 2, 3, 4]
+    assert first["best_val_err5"] == 13.0  # top-5 at the best top-1 epoch (3)
+
+
+def test_load_runs_rejects_a_path_that_matches_nothing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_runs([tmp_path / "nope*"])
+
+
+def test_results_table_gives_mean_std_n_and_the_paper(sweep: Path) -> None:
+    table = results_table(load_runs([sweep]))
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | data | epochs | n |")
+    gunn15 = next(line for line in lines if line.startswith("| gunn15 "))
+    cells = [c.strip() for c in gunn15.strip("|").split("|")]
+    # final top-1 mean ± sample std over 3 seeds; best = final - 1; paper's 4.15; top-5s.
+    assert cells == [
+        "gunn15", "cifar10", "4", "3", "1.59M", "5.00 ± 1.00", "4.00 ± 1.00", "4.15",
+        "1.25 ± 0.25", "13.00 ± 0.00", "—",
+    ]  # fmt: skip
+    mini = next(line for line in lines if line.startswith("| gunn_mini "))
+    assert "| 1 |" in mini and "9.00" in mini and mini.count("—") == 2  # no paper numbers
+
+
+def test_runs_of_different_lengths_are_not_averaged(tmp_path: Path) -> None:
+    fake_run(tmp_path / "a", "gunn15", "cifar10", 0, 4.0, epochs=4)
+    fake_run(tmp_path / "b", "gunn15", "cifar10", 0, 50.0, epochs=2)
+    assert len(results_table(load_runs([tmp_path])).splitlines()) == 2 + 2  # header + 2 rows
+
+
+def test_convergence_table_and_mean_curves(sweep: Path) -> None:
+    runs = [r for r in load_runs([sweep]) if r["model"] == "gunn15"]
+    table = convergence_table(runs, fractions=(0.5, 1.0))
+    loss = next(line for line in table.splitlines() if "train loss" in line)
+    # epoch 2: 1/2 + seed/10 for seeds 0, 1, 2 -> 0.6 ± 0.1; epoch 4: 0.35 ± 0.1.
+    assert "0.600 ± 0.100 (ep 2)" in loss and "0.350 ± 0.100 (ep 4)" in loss
+    ((label, rows),) = mean_curves(runs).items()
+    assert label == "gunn15 cifar10 (n=3)"
+    assert rows[1]["train/loss"] == pytest.approx(0.6)
+
+
+def test_write_report_files(sweep: Path, tmp_path: Path) -> None:
+    runs = load_runs([sweep])
+    files = write_report(runs, tmp_path / "out" / "r", title="Fake")
+    assert [f.name for f in files] == ["r.md", "r.csv", "r.png"]
+    markdown = files[0].read_text()
+    assert markdown.startswith("# Fake") and "## Convergence" in markdown and "## Runs" in markdown
+    with files[1].open() as f:
+        table = list(csv.DictReader(f))
+    assert [row["seed"] for row in table] == ["0", "1", "2", "0"]
+    assert files[2].stat().st_size > 0
+
+
+def test_paper_numbers_are_spec_section_4() -> None:
+    assert PAPER[("gunn15", "cifar10")] == {"err1": 4.15}
+    assert PAPER[("gunn24", "cifar100")] == {"err1": 16.69}
+    assert PAPER[("wide_gunn18", "imagenet")] == {"err1": 20.59, "err5": 5.52}
+
+
+def test_sweep_callback_summarises_and_names_missing_jobs(sweep: Path) -> None:
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    summary = (sweep / "summary.md").read_text()
+    assert "4 of 5 jobs finished" in summary and "4_gunn15_cifar10" in summary
+    assert (sweep / "summary.csv").is_file() and not (sweep / "summary.png").exists()
+
+
+def test_report_cli(sweep: Path, tmp_path: Path) -> None:
+    proc = run_entry("report.py", str(sweep), "--out", str(tmp_path / "rep"), "--title", "Mine")
+    assert proc.stdout.startswith("# Mine") and "5.00 ± 1.00" in proc.stdout
+    assert {p.name for p in tmp_path.glob("rep.*")} == {"rep.md", "rep.csv", "rep.png"}
+    missing = run_entry("report.py", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode == 2 and "matches no file" in missing.stderr
+
+
+def test_tiny_ablation_multirun_end_to_end(tmp_path: Path) -> None:
+    """experiment=ablation as `make ablation` runs it, shrunk: both models, one seed, 4 short
+    epochs; the sweep summary appears, the lr follows the recipe, report.py plots the pair."""
+    sweep = tmp_path / "ablation"
+    run_entry(
+        "train.py", "-m", "experiment=ablation", "debug=tiny", "trainer.max_epochs=4", "seed=0",
+        "print_config=false", f"hydra.sweep.dir={sweep}", timeout=600,
+    )  # fmt: skip
+    runs = load_runs([sweep])
+    assert [r["model"] for r in runs] == ["gunn_mini", "sunn_mini"]
+    assert runs[0]["params"] == runs[1]["params"]  # the twins: same parameters
+    for run in runs:
+        # SPEC §3's steps at 50% and 75% of the epochs, counted from 1.
+        assert [row["lr"] for row in run["curve"]] == pytest.approx([0.1, 0.01, 0.001, 0.001])
+    summary = (sweep / "summary.md").read_text()
+    assert "2 of 2 jobs finished" in summary and "sunn_mini" in summary
+    run_entry("report.py", str(sweep), "--out", str(sweep / "ablation"))
+    assert (sweep / "ablation.png").stat().st_size > 0
+    report = (sweep / "ablation.md").read_text()
+    assert "| gunn_mini | digits | 4 | 1 |" in report and "| sunn_mini | digits | 4 | 1 |" in report
