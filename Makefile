@@ -45,9 +45,11 @@ summarize: $(STAMP) ## Complexity report: make summarize ARGS="model=gunn24 data
 benchmark: $(STAMP) ## Implementation benchmark: make benchmark ARGS="model=gunn15"
 	$(BIN)/python benchmark.py $(ARGS)
 
+# One CPU thread unless set: the mini models gain little from more, and oversubscribing a busy
+# CPU makes them several times slower. GPU runs do not depend on it.
 ablation: $(STAMP) ## GUNN vs SUNN, 3 seeds, digits on the CPU (~10 min); GPU: ARGS="data=cifar10"
 	dir=logs/ablation/multiruns/$$(date +%Y-%m-%d_%H-%M-%S); \
-	$(BIN)/python train.py -m experiment=ablation print_config=false hydra.sweep.dir=$$dir $(ARGS) && \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python train.py -m experiment=ablation print_config=false hydra.sweep.dir=$$dir $(ARGS) && \
 	$(BIN)/python report.py $$dir --out $$dir/ablation --title "GUNN vs SUNN ablation"
 
 report: $(STAMP) ## Runs vs the paper: make report ARGS="logs/gunn15_cifar10 --out results"

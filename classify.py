@@ -22,7 +22,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=5, help="classes shown per image")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
+    logging.getLogger("gunn_exp").setLevel(logging.INFO)
     try:
         run = load_run(args.run, args.ckpt, args.device)
         predictions, skipped = classify_images(run, list_images(args.images), args.top)

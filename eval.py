@@ -22,7 +22,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
-    except (ConfigError, RunError, CheckpointError) as err:
+    except (ConfigError, RunError, CheckpointError, FileNotFoundError) as err:  # data missing
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

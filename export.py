@@ -25,7 +25,8 @@ def main() -> int:
                         default=["torchscript", "onnx"])
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
+    logging.getLogger("gunn_exp").setLevel(logging.INFO)
     try:
         run = load_run(args.run, args.ckpt, "cpu")
     except (RunError, CheckpointError) as err:

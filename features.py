@@ -26,7 +26,8 @@ def main() -> int:
     args = parser.parse_args()
     if not args.output.endswith((".npy", ".pt")):
         parser.error(f"--output {args.output}: must end in .npy or .pt")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
+    logging.getLogger("gunn_exp").setLevel(logging.INFO)
     try:
         run = load_run(args.run, args.ckpt, args.device)
         names, features, skipped = extract_features(run, list_images(args.images))

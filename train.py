@@ -9,7 +9,9 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from gunn_exp.checkpointing import CheckpointError  # noqa: E402
 from gunn_exp.config import ConfigError, register_resolvers  # noqa: E402
+from gunn_exp.faults import RunStopped  # noqa: E402
 from gunn_exp.train import train  # noqa: E402
 
 register_resolvers()
@@ -22,6 +24,12 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except RunStopped as err:  # a signal (checkpoint saved) or a non-finite loss
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     # Returned for sweepers (e.g. Optuna) that minimise a metric.
     return results.get("best_val_err1")
 

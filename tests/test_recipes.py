@@ -3,6 +3,7 @@ the statistics of the augmentation on generated images."""
 
 from __future__ import annotations
 
+import io
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,9 +97,9 @@ def lrs_per_epoch(cfg: DictConfig) -> list[float]:
     return lrs
 
 
-def spec_cifar_lr(epoch: int) -> float:
-    """SPEC §3: x0.1 at 50% and 75% of 300 epochs, counted from 1."""
-    return 0.1 if epoch < 150 else 0.01 if epoch < 225 else 0.001
+def spec_cifar_lr(epoch: int, epochs: int = 300) -> float:
+    """SPEC §3: x0.1 from 50% and from 75% of the epochs, counted from 1 (150 and 225 of 300)."""
+    return 0.1 if epoch < 0.5 * epochs else 0.01 if epoch < 0.75 * epochs else 0.001
 
 
 def spec_imagenet_lr(epoch: int) -> float:
@@ -126,18 +127,32 @@ def test_imagenet_lr_at_every_epoch(experiment: str) -> None:
 
 
 def test_imagenet_decay_steps_follow_the_authors_formula() -> None:
-    assert [imagenet_decay_steps(e) for e in (1, 30, 31, 60, 61, 90, 91, 120)] == [
-        0,
-        0,
-        1,
-        1,
-        2,
-        2,
-        4,
-        4,
-    ]
+    expected = {1: 0, 30: 0, 31: 1, 60: 1, 61: 2, 90: 2, 91: 4, 120: 4}  # 3 is skipped
+    assert {epoch: imagenet_decay_steps(epoch) for epoch in expected} == expected
     with pytest.raises(ValueError, match="counted from 1"):
         imagenet_decay_steps(0)
+
+
+def test_imagenet_schedule_resumes_from_a_checkpoint() -> None:
+    """A run resumed at epoch 46 continues at 0.01, then 0.001 from epoch 61."""
+    cfg = compose_experiment("gunn18_imagenet")
+    _, optimizer, scheduler = recipe_optimization(cfg)
+    for _ in range(45):
+        optimizer.step()
+        scheduler.step()
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    _, optimizer, scheduler = recipe_optimization(cfg)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    lrs = []
+    for _ in range(46, 121):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([spec_imagenet_lr(epoch) for epoch in range(46, 121)])
 
 
 # --- hyper-parameters ------------------------------------------------------------------------
@@ -175,6 +190,23 @@ def test_imagenet_recipes_set_spec_values(experiment: str) -> None:
     assert cfg.data.image_size == 224 and cfg.data.ten_crop is False
     assert cfg.trainer.sync_batchnorm is False and cfg.trainer.precision == "32-true"
     check_optimizer(cfg)
+
+
+def test_ablation_is_the_cifar_recipe_on_the_twins() -> None:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train", ["experiment=ablation", "paths.output_dir=unused"], return_hydra_config=True
+        )
+    assert dict(cfg.hydra.sweeper.params) == {"model": "gunn_mini,sunn_mini", "seed": "0,1,2"}
+    assert (cfg.data.name, cfg.model.name, cfg.data.batch_size) == ("digits", "gunn_mini", 64)
+    check_optimizer(cfg)
+    epochs = cfg.trainer.max_epochs
+    assert lrs_per_epoch(cfg) == pytest.approx(
+        [spec_cifar_lr(e, epochs) for e in range(1, epochs + 1)]
+    )
+    # GPU users swap the data on the same command line; the command line wins over the experiment.
+    cifar = compose_experiment("ablation", "data=cifar10", "model=gunn15")
+    assert (cifar.data.name, cifar.model.name, cifar.model.num_classes) == ("cifar10", "gunn15", 10)
 
 
 @pytest.mark.parametrize(

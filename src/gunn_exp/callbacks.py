@@ -41,7 +41,8 @@ class EpochSummary(pl.Callback):
         self._epoch_start = 0.0
         self._epoch_lr = float("nan")
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_fit_start: Lightning restores the resumed epoch (current_epoch) after it.
         if self.csv_path.exists():
             with self.csv_path.open() as f:
                 self.rows = [
@@ -49,6 +50,8 @@ class EpochSummary(pl.Callback):
                     for row in csv.DictReader(f)
                 ]
             self.rows = [r for r in self.rows if r["epoch"] <= trainer.current_epoch]
+        # A resume from a mid-epoch checkpoint skips that epoch's on_train_epoch_start.
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()

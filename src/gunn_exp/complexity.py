@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor, nn
 
 from gunn_exp.models import GunnLayer, create_model
@@ -329,12 +331,9 @@ def summarize_paper_models(
     return summaries
 
 
-def human(n: float, unit: str = "") -> str:
-    """1234567 -> '1.23M' (decimal prefixes), the way papers quote sizes."""
-    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{prefix}{unit}"
-    return f"{n:g}{unit}"
+def giga(n: int) -> str:
+    """Multiply-adds or FLOPs in G, three significant digits, the way papers quote them."""
+    return f"{n / 1e9:.3g}G"
 
 
 def mib(n: int | None) -> str:
@@ -351,20 +350,22 @@ def summary_lines(s: Summary) -> list[tuple[str, str, str]]:
     cuda = [("CUDA peak, training step", mib(s.cuda_peak_bytes), "")] if s.cuda_peak_bytes else []
     return [
         ("Parameters", f"{s.params:,}", ref.params if ref else ""),
-        ("Multiply-adds per image", f"{s.macs:,} ({human(s.macs)})",
+        ("Multiply-adds per image", f"{s.macs:,} ({giga(s.macs)})",
          (ref.macs or "not given") if ref else ""),
-        ("FLOPs per image (2 x MACs)", f"{s.flops:,} ({human(s.flops)})", ""),
-        (f"Saved for backward per image (impl {s.impl})", mib(s.saved_bytes), ""),
+        ("FLOPs per image (2 x MACs)", f"{s.flops:,} ({giga(s.flops)})", ""),
+        ("Saved for backward per image", f"{mib(s.saved_bytes)} (impl {s.impl})", ""),
         ("Peak saved, forward + backward", mib(s.peak_saved_bytes), ""),
         *cuda,
     ]
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def _md_table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+    """A Markdown table: the first `text_columns` left-aligned, the numbers right-aligned."""
+
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(cells) + " |"
 
-    align = ["---"] + ["---:"] * (len(header) - 1)
+    align = ["---"] * text_columns + ["---:"] * (len(header) - text_columns)
     return "\n".join([line(header), line(align), *map(line, rows)])
 
 
@@ -394,11 +395,50 @@ def zoo_cells(s: Summary) -> list[str]:
     name = s.model + (" (reconstructed)" if ref.reconstructed else "")
     return [
         name, f"{s.data} ({shape(s.input_shape)})", f"{s.params:,}", ref.params,
-        human(s.macs), ref.macs or "not given", human(s.flops),
+        giga(s.macs), ref.macs or "not given", giga(s.flops),
         f"{mib(s.saved_bytes)} ({s.impl})",
     ]
 
 
 def markdown_zoo(summaries: list[Summary]) -> str:
     """The paper models side by side as one Markdown table."""
-    return _md_table(ZOO_HEADER, [zoo_cells(s) for s in summaries]) + "\n"
+    return _md_table(ZOO_HEADER, [zoo_cells(s) for s in summaries], text_columns=2) + "\n"
+
+
+METHOD = (
+    "MACs: forward hooks on Conv2d/Linear with the reference GUNN implementation (BN, ReLU, "
+    "pooling, additions not counted); FLOPs = 2 x MACs. Saved for backward: storages autograd "
+    "holds after a training forward, measured with saved_tensors_hooks for the impl shown."
+)
+
+
+def print_summary(s: Summary, fmt: str = "rich") -> None:
+    """Print a model's summary and stage table as rich tables or Markdown."""
+    if fmt == "markdown":
+        print(markdown_summary(s) + f"\n{METHOD}")
+        return
+    console = Console()
+    title = f"{s.model} on {s.data} (input {shape(s.input_shape)})"
+    table = _rich_table(title, ["", "ours", "paper"], [list(r) for r in summary_lines(s)])
+    console.print(table)
+    console.print(_rich_table("Per stage", STAGE_HEADER, [stage_cells(r) for r in s.stages]))
+    console.print(METHOD, style="dim")
+
+
+def print_zoo(summaries: list[Summary], fmt: str = "rich") -> None:
+    """Print the paper models side by side as a rich table or Markdown."""
+    if fmt == "markdown":
+        print(markdown_zoo(summaries) + f"\n{METHOD}")
+        return
+    console = Console()
+    console.print(_rich_table("Paper models", ZOO_HEADER, [zoo_cells(s) for s in summaries]))
+    console.print(METHOD, style="dim")
+
+
+def _rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gunn_exp.config import ConfigError, validate_config
 from gunn_exp.data import ImageDataModule
-from gunn_exp.inference import CKPT_NAMES, Run, load_run, predict_probs
+from gunn_exp.inference import CKPT_NAMES, Run, load_run, predict_log_probs
 from gunn_exp.results import write_results
 
 matplotlib.use("Agg")  # files only
@@ -52,9 +52,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup("test")
 
-    probs, labels = _predict(run, dm.test_dataloader(), cfg.limit_batches)
-    pred = probs.argmax(1)
-    top5 = probs.topk(min(5, num_classes), dim=1).indices
+    scores, labels = _predict(run, dm.test_dataloader(), cfg.limit_batches)
+    pred = scores.argmax(1)
+    top5 = scores.topk(min(5, num_classes), dim=1).indices
     confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
     confusion = confusion.view(num_classes, num_classes)
     results = {
@@ -68,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "images": len(labels),
         "err1": 100.0 * (pred != labels).float().mean().item(),
         "err5": 100.0 * (top5 != labels[:, None]).all(1).float().mean().item(),
-        "loss": F.nll_loss(probs.clamp_min(1e-12).log(), labels).item(),
+        "loss": F.nll_loss(scores, labels).item(),
     }
     out_dir = run.run_dir / "eval" / _tag(cfg, data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,14 +100,14 @@ def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
 
 
 def _predict(run: Run, loader: Any, limit: int | None) -> tuple[Tensor, Tensor]:
-    """Softmax probabilities and labels of the loader's first `limit` batches (all if None)."""
-    probs, labels = [], []
+    """Log-softmax scores and labels of the loader's first `limit` batches (all if None)."""
+    scores, labels = [], []
     for i, (x, y) in enumerate(loader):
         if limit is not None and i >= limit:
             break
-        probs.append(predict_probs(run.model, x.to(run.device)).float().cpu())
+        scores.append(predict_log_probs(run.model, x.to(run.device)).float().cpu())
         labels.append(y)
-    return torch.cat(probs), torch.cat(labels)
+    return torch.cat(scores), torch.cat(labels)
 
 
 def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:

@@ -22,6 +22,9 @@ from gunn_exp.models import GunnLayer
 TORCHSCRIPT = "model.ts"
 ONNX = "model.onnx"
 INPUT, OUTPUT = "images", "logits"
+# PyTorch deprecates TorchScript in favour of torch.export; the issue asks for it (libtorch and
+# mobile runtimes still load it), so its deprecation notice is not repeated on every export.
+JIT_DEPRECATED = "`torch.jit.* is deprecated"
 
 
 def plain_ops(model: nn.Module) -> nn.Module:
@@ -44,6 +47,7 @@ def export_torchscript(model: nn.Module, example: Tensor, path: Path) -> Path:
         # Shape checks inside the model become constants of the trace: right for this input
         # layout, which preprocessing.json fixes.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", JIT_DEPRECATED)
         traced = torch.jit.trace(model, example)
     traced.save(str(path))
     return path
@@ -84,7 +88,9 @@ def max_differences(model: nn.Module, out_dir: Path, x: Tensor) -> dict[str, flo
     expected = model.cpu().eval()(x)
     diffs = {}
     if (out_dir / TORCHSCRIPT).is_file():
-        scripted = torch.jit.load(str(out_dir / TORCHSCRIPT))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", JIT_DEPRECATED)
+            scripted = torch.jit.load(str(out_dir / TORCHSCRIPT))
         diffs[TORCHSCRIPT] = (scripted(x) - expected).abs().max().item()
     if (out_dir / ONNX).is_file():
         import onnxruntime  # optional dependency (the `export` extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,7 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from gunn_exp.data import ImageDataModule
 from gunn_exp.preprocessing import FILENAME as PREPROCESSING_FILE
 from gunn_exp.preprocessing import Preprocessing
-from gunn_exp.weights import load_weights
+from gunn_exp.weights import load_weights, run_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
     from a checkpoint file inside a run directory (then `ckpt` is ignored)."""
     path = Path(path)
     if path.is_file():
-        run_dir = next((d for d in path.parents[:2] if (d / "config.yaml").is_file()), None)
+        run_dir = run_dir_of(path)
         if run_dir is None:
             raise RunError(
                 f"{path}: no config.yaml beside it or in its parent, so the model it holds is "
@@ -121,13 +122,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, x: Tensor) -> Tensor:
-    """Softmax probabilities; a 5-D (N, crops, C, H, W) batch averages them over the crops, as
-    ClassificationModule does for ten-crop evaluation."""
+def predict_log_probs(model: nn.Module, x: Tensor) -> Tensor:
+    """Log-softmax scores; a 5-D (N, crops, C, H, W) batch gets the log of the softmax averaged
+    over the crops, as ClassificationModule evaluates ten crops.
+
+    Logs, not probabilities: a confident model's small probabilities underflow to equal zeros,
+    which would make the top-5 ranking arbitrary; log-softmax keeps the logits' order.
+    """
     if x.ndim == 5:
         n, crops = x.shape[:2]
-        return model(x.flatten(0, 1)).softmax(-1).view(n, crops, -1).mean(1)
-    return model(x).softmax(-1)
+        scores = model(x.flatten(0, 1)).log_softmax(-1).view(n, crops, -1)
+        return scores.logsumexp(1) - math.log(crops)
+    return model(x).log_softmax(-1)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gunn_exp.inference import Run, Skipped, image_batches, pooled_features, predict_probs
+from gunn_exp.inference import Run, Skipped, image_batches, pooled_features, predict_log_probs
 
 BATCH_SIZE = 64
 
@@ -29,8 +29,8 @@ def classify_images(
     predictions: list[Prediction] = []
     skipped: list[Skipped] = []
     for names, x in image_batches(images, run.preprocessing, BATCH_SIZE, skipped):
-        probs, idx = predict_probs(run.model, x.to(run.device)).topk(k, dim=1)
-        for name, p, i in zip(names, probs.tolist(), idx.tolist(), strict=True):
+        scores, idx = predict_log_probs(run.model, x.to(run.device)).topk(k, dim=1)
+        for name, p, i in zip(names, scores.exp().tolist(), idx.tolist(), strict=True):
             top = [(classes[c], q) for c, q in zip(i, p, strict=True)]
             predictions.append(Prediction(name, top))
     return predictions, skipped

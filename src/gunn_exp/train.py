@@ -12,13 +12,23 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp.callbacks import EpochSummary
+from gunn_exp.checkpointing import AtomicCheckpointIO
 from gunn_exp.config import print_config, save_config, validate_config
+from gunn_exp.launch import (
+    check_rank_run_dirs,
+    in_multirun,
+    launches_own_ranks,
+    log_rank_results,
+    run_job_as_single_run,
+)
 from gunn_exp.loggers import log_curves, log_run_setup, wandb_group
 from gunn_exp.module import ClassificationModule
 from gunn_exp.preprocessing import Preprocessing
 from gunn_exp.results import summary_lines, write_results
+from gunn_exp.resume import check_resumable, resolve_ckpt_path, wandb_resume_kwargs
 from gunn_exp.weights import init_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,7 +49,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    save_config(cfg, output_dir / "config.yaml")
     if cfg.get("print_config", True):
         print_config(cfg, ["data", "model", "optimizer", "scheduler", "trainer", "seed"])
     if cfg.get("seed") is not None:
@@ -57,13 +66,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         channels_last=cfg.get("channels_last", False),
     )
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if ckpt_path is not None:  # before anything is written: a refused resume changes nothing
+        check_resumable(ckpt_path, model, cfg.model.name)
+    if rank_zero_only.rank == 0:
+        save_config(cfg, output_dir / "config.yaml")
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"), group=wandb_group(cfg))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    loggers = instantiate_group(
+        cfg.get("logger"), group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
+    )
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    if in_multirun() and launches_own_ranks(trainer):
+        return run_job_as_single_run(output_dir)  # see launch.py: DDP inside a multirun
+    check_rank_run_dirs(trainer)
     log_run_setup(loggers, cfg, params)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_time = time.perf_counter() - start
     # The final weights are tested (the best epoch's validation error is reported beside them).
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
@@ -96,4 +117,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_curves(loggers, output_dir / "curves.png")
         for line in summary_lines(results):
             log.info(line)
+    log_rank_results(trainer, results)
     return results

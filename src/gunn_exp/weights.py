@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from gunn_exp.checkpointing import CheckpointError, load_checkpoint
@@ -75,6 +76,20 @@ def _more(items: list[Any]) -> str:
     return f", ... {len(items) - SHOWN} more" if len(items) > SHOWN else ""
 
 
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint file belongs to (config.yaml beside it or one level up,
+    as in <run>/checkpoints/best.ckpt), or None."""
+    return next((d for d in Path(checkpoint).parents[:2] if (d / "config.yaml").is_file()), None)
+
+
+def _trained_as(checkpoint: str | Path) -> str | None:
+    """The model name in the config.yaml of the checkpoint's run, if it has one."""
+    run_dir = run_dir_of(checkpoint)
+    if run_dir is None:
+        return None
+    return OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "model.name")
+
+
 def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
     """The network's tensors of a ClassificationModule checkpoint, keys without `model.`."""
     state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
@@ -101,8 +116,9 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> dict[st
     diff = StateDiff.between(model, state)
     if diff:
         raise CheckpointError(
-            f"checkpoint {path} does not match model {model_name}: {diff}. It was trained with "
-            f"another model config; use the checkpoint of this run or the run it belongs to."
+            f"checkpoint {path} does not match model {model_name}: {diff}. It was trained as "
+            f"model {_trained_as(path) or '<unknown>'}; use a checkpoint of this run, or the run "
+            f"the checkpoint belongs to."
         )
     model.load_state_dict(state)
     return ckpt
@@ -123,7 +139,7 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
         raise CheckpointError(
             f"init_from={path}: its backbone does not match model {model_name}: {backbone}. "
             f"Fine-tuning needs the architecture the checkpoint was trained with (only the "
-            f"number of classes may change); set model=<that model>."
+            f"number of classes may change): set model={_trained_as(path) or '<that model>'}."
         )
     fresh = sorted({k for k, _, _ in diff.shapes} | set(diff.missing))
     copied = {k: v for k, v in state.items() if k not in fresh and k not in diff.unexpected}

@@ -1,24 +1,26 @@
 """Memory-light implementations of the GUNN update loop (issue 4), registered in `IMPLEMENTATIONS`.
 
-All of them compute exactly the sequential rule of SPEC §1 with the parameters of the layer's
-`GunnUnit`s, and update every BatchNorm's running statistics once per forward, as `"reference"`
-does. They differ only in what they keep for backward and what they recompute:
+Every implementation computes the sequential rule of SPEC §1 with the parameters of the layer's
+`GunnUnit`s and updates each BatchNorm's running statistics once per forward, as `"reference"`
+does; they differ in what they keep for backward and what they recompute:
 
 `"recat"`
     The authors' trick: "concat + first conv" is one autograd Function that keeps references to
-    x and the already existing y_j and re-concatenates z_i in backward, so the K concatenated z_i
-    (K x C channels per layer) are never stored. The rest of G_i runs through autograd.
-`"keep_convs"`, `"keep_in"`, `"recompute"`
-    One autograd Function for the whole layer. Forward runs under no_grad in one buffer,
-    `buf[:, seg_i] += G_i(buf)` in place, and keeps x, the output y, each BatchNorm's batch
-    statistics (a few numbers per channel) and, per segment, the outputs of all three convs
-    (6o channels, `keep_convs`), of the first conv only (3o, `keep_in`) or nothing (`recompute`).
-    Backward walks i = K..1, turning a copy of y back into z_i one segment at a time, recomputes
-    what was not kept (BatchNorm with the *saved* statistics, so the running statistics are not
-    touched again) and backpropagates through G_i with explicit ATen backward ops, accumulating
-    dL/dz_i in one buffer (dL/dz_i = dL/dz_{i+1} + J_i^T dL/dy_i, J_i the Jacobian of G_i).
+    x and to the y_j that exist anyway, and re-concatenates z_i in backward, so the K concatenated
+    z_i (K x C channels per layer) are never stored. The rest of G_i runs through autograd.
+`"recompute"`, `"keep_in"`, `"keep_convs"`
+    The whole layer is one autograd Function. Forward runs without autograd in one buffer,
+    `buf[:, seg_i] += G_i(buf)` in place, and keeps x, the output y, every BatchNorm's batch
+    statistics (two numbers per channel) and, per segment, nothing (`recompute`), the first conv's
+    output (3o channels, `keep_in`) or all three conv outputs (6o, `keep_convs`).
+    Backward walks i = K..1, turning a copy of y back into z_i = cat(y_<i, x_>=i) one segment at a
+    time, recomputes what was not kept (BatchNorm with the *saved* statistics, so running
+    statistics are not touched twice) and backpropagates through G_i with explicit ATen backward
+    ops, accumulating dL/dz_i = dL/dz_{i+1} + J_i^T dL/dy_i in one buffer (J_i: Jacobian of G_i).
+    The 1x1 convolutions are plain matrix products (see `_conv1x1`).
 
-The simultaneous update (SUNN) is handled by every implementation; there every z_i is x itself.
+The simultaneous update (SUNN) works in every implementation; there every z_i is x itself.
+Under autocast the whole-layer Function computes G_i in the autocast dtype, like `"reference"`.
 """
 
 from __future__ import annotations
@@ -34,14 +36,19 @@ from gunn_exp.models.layer import GunnUnit, register_impl
 
 aten = torch.ops.aten
 
-# What the whole-layer Function keeps per segment: conv_in output a, conv_mid output m, conv_out
-# output c. Anything not kept is recomputed in backward.
-KEEP = {"keep_convs": ("a", "m", "c"), "keep_in": ("a",), "recompute": ()}
+# What the whole-layer Function keeps per segment: "a" conv_in's output, "m" conv_mid's, "c"
+# conv_out's. Whatever is not kept is recomputed in backward.
+KEEP: dict[str, tuple[str, ...]] = {
+    "recompute": (),
+    "keep_in": ("a",),
+    "keep_convs": ("a", "m", "c"),
+}
 
 # Per unit the Function takes 9 parameters (conv_in, conv_mid, conv_out weights, then weight and
 # bias of bn_in, bn_mid, bn_out) followed by 6 buffers (running mean and var of the three BNs).
 _PARAMS_PER_UNIT = 9
 _TENSORS_PER_UNIT = 15
+_STATS_PER_UNIT = 6  # (mean, invstd) of bn_in, bn_mid, bn_out
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float:
@@ -54,19 +61,12 @@ def _momentum(bn: nn.BatchNorm2d) -> float:
     return bn.momentum
 
 
-def _check_units(units: Sequence[GunnUnit]) -> None:
-    for unit in units:
-        for bn in (unit.bn_in, unit.bn_mid, unit.bn_out):
-            if not (bn.affine and bn.track_running_stats):
-                raise ValueError("GUNN fast implementations need affine, tracked BatchNorm.")
-
-
 # --------------------------------------------------------------------------------------------
-# "recat": the authors' re-concatenation trick, everything else through autograd.
+# "recat": the authors' re-concatenation trick; everything else goes through autograd.
 
 
 class _ConcatConv1x1(torch.autograd.Function):
-    """conv1x1(cat(pieces), weight) that keeps the pieces, not their concatenation."""
+    """conv1x1(cat(pieces), weight), keeping the pieces instead of their concatenation."""
 
     @staticmethod
     def forward(ctx: Any, weight: Tensor, *pieces: Tensor) -> Tensor:
@@ -76,17 +76,15 @@ class _ConcatConv1x1(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         weight, *pieces = ctx.saved_tensors
-        z = torch.cat(pieces, dim=1)  # rebuilt here; it was freed after forward
         grad_z, grad_w, _ = aten.convolution_backward(
-            grad, z, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [any(ctx.needs_input_grad[1:]), ctx.needs_input_grad[0], False],
+            grad, torch.cat(pieces, dim=1), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
+            1, [True, True, False],
         )
-        grads = grad_z.split([p.shape[1] for p in pieces], dim=1) if grad_z is not None else None
-        return (grad_w, *(grads if grads is not None else [None] * len(pieces)))
+        return (grad_w, *grad_z.split([p.shape[1] for p in pieces], dim=1))
 
 
 def _unit_after_conv_in(unit: GunnUnit, a: Tensor) -> Tensor:
-    """GunnUnit.forward from the first conv's output on (same modules, same order of ops)."""
+    """`GunnUnit.forward` from the first conv's output on (same modules, same ops, same order)."""
     a = unit.bn_in(a)
     h = torch.relu(a[:, : unit.hidden])
     h = torch.relu(unit.bn_mid(unit.conv_mid(h)))
@@ -96,9 +94,9 @@ def _unit_after_conv_in(unit: GunnUnit, a: Tensor) -> Tensor:
 
 @register_impl("recat")
 def recat_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
-    """Sequential rule with z_i re-concatenated in backward instead of kept (the authors' trick)."""
+    """The sequential rule with z_i re-concatenated in backward instead of stored."""
     xs = list(x.split(units[0].width, dim=1))
-    if update == "simultaneous":  # z_i = x for all i: nothing is concatenated
+    if update == "simultaneous":  # every z_i is x: nothing is concatenated
         return torch.cat([xi + unit(x) for xi, unit in zip(xs, units, strict=True)], dim=1)
     ys: list[Tensor] = []
     for i, unit in enumerate(units):
@@ -108,51 +106,65 @@ def recat_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# 1x1 convolutions as matrix products. On CPU they run several times faster than the convolution
+# kernels for these thin layers, allocate nothing but their result (no layout reorders), and let
+# backward accumulate dL/dz in place. NCHW and channels_last inputs each map to one GEMM shape.
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _conv1x1(t: Tensor, weight: Tensor) -> Tensor:
+    """F.conv2d(t, weight) for a bias-free 1x1 weight."""
+    n, c, h, w = t.shape
+    w2 = weight.view(weight.shape[0], c)
+    if _is_channels_last(t):
+        return F.linear(t.permute(0, 2, 3, 1), w2).permute(0, 3, 1, 2)
+    return torch.matmul(w2, t.reshape(n, c, h * w)).view(n, -1, h, w)
+
+
+def _conv1x1_backward(grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """Gradients (weight, input) of `_conv1x1(t, weight)`.
+
+    With `into`, the input gradient is added to it in place (one GEMM with accumulation instead of
+    a product plus a pass over a C-channel temporary) and `into` is returned.
+    """
+    n, c, h, w = t.shape
+    w2 = weight.view(weight.shape[0], c)
+    if _is_channels_last(t):
+        t2 = t.permute(0, 2, 3, 1).reshape(-1, c)
+        g2 = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
+        if into is None:
+            grad_t = (g2 @ w2).view(n, h, w, c).permute(0, 3, 1, 2)
+        else:
+            grad_t, acc = into, into.permute(0, 2, 3, 1).view(-1, c)
+            acc.addmm_(g2, w2) if acc.dtype == g2.dtype else acc.add_(g2 @ w2)
+        return (g2.t() @ t2).view_as(weight), grad_t
+    t3 = t.reshape(n, c, h * w)
+    g3 = grad.reshape(n, -1, h * w)
+    if into is None:
+        grad_t = torch.matmul(w2.t(), g3).view(n, c, h, w)
+    else:
+        grad_t, acc = into, into.view(n, c, h * w)
+        if acc.dtype == g3.dtype:
+            acc.baddbmm_(w2.t().expand(n, -1, -1), g3)
+        else:
+            acc.add_(torch.matmul(w2.t(), g3))
+    return torch.bmm(g3, t3.transpose(1, 2)).sum(0).view_as(weight), grad_t
+
+
+# --------------------------------------------------------------------------------------------
 # Whole-layer Function: in-place forward, recompute-what-was-not-kept backward.
-
-
-def _affine(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """BatchNorm with given statistics: (t - mean) * invstd * weight + bias, per channel."""
-    scale = invstd * weight
-    shift = bias - mean * scale
-    return torch.addcmul(shift[:, None, None], t, scale[:, None, None])
-
-
-class _Spec:
-    """Static description of one layer call (hashable, so torch.compile can specialise on it)."""
-
-    __slots__ = ("segments", "width", "hidden", "projection", "gradual", "keep", "training",
-                 "momenta", "eps")
-
-    def __init__(self, units: Sequence[GunnUnit], gradual: bool, keep: tuple[str, ...]) -> None:
-        unit = units[0]
-        self.segments = len(units)
-        self.width = unit.width
-        self.hidden = unit.hidden
-        self.projection = unit.projection
-        self.gradual = gradual
-        self.keep = keep
-        self.training = unit.training
-        self.momenta = tuple(_momentum(bn) for u in units for bn in (u.bn_in, u.bn_mid, u.bn_out))
-        self.eps = tuple(bn.eps for u in units for bn in (u.bn_in, u.bn_mid, u.bn_out))
-
-
-def _unit_tensors(units: Sequence[GunnUnit]) -> list[Tensor]:
-    flat: list[Tensor] = []
-    for u in units:
-        bns = (u.bn_in, u.bn_mid, u.bn_out)
-        flat += [u.conv_in.weight, u.conv_mid.weight, u.conv_out.weight]
-        flat += [t for bn in bns for t in (bn.weight, bn.bias)]
-        flat += [t for bn in bns for t in (bn.running_mean, bn.running_var)]
-    return flat
 
 
 def _bn_forward(t: Tensor, weight: Tensor, bias: Tensor, running: Sequence[Tensor],
                 momentum: float, eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm forward; returns (output, mean, invstd) and updates running stats in training.
+    """BatchNorm forward: (output, mean, invstd); updates the running statistics in training.
 
     In eval the statistics returned are the running ones (mean, 1/sqrt(var + eps)), so backward
-    has one code path.
+    has a single recompute path.
     """
     running_mean, running_var = running
     out, mean, invstd = aten.native_batch_norm(
@@ -163,122 +175,162 @@ def _bn_forward(t: Tensor, weight: Tensor, bias: Tensor, running: Sequence[Tenso
     return out, mean, invstd
 
 
+def _bn_relu(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """relu(BatchNorm(t)) with given statistics, in t's dtype (BatchNorm's output dtype)."""
+    scale = invstd * weight
+    shift = bias - mean * scale
+    return torch.relu(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
+
+
 def _bn_backward(grad: Tensor, t: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
                  eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of BatchNorm w.r.t. (input, weight, bias) given the statistics it used."""
+    """Gradients of BatchNorm w.r.t. (input, weight, bias), given the statistics it used."""
     if training:
         return aten.native_batch_norm_backward(
             grad, t, weight, None, None, mean, invstd, True, eps, [True, True, True]
         )
     # Eval: BatchNorm is the fixed per-channel affine map of the running statistics.
-    grad_t = grad * (invstd * weight)[:, None, None]
     xhat = (t - mean[:, None, None]) * invstd[:, None, None]
-    return grad_t, (grad * xhat).sum((0, 2, 3)), grad.sum((0, 2, 3))
+    grad_t = (grad * (invstd * weight)[:, None, None]).to(t.dtype)
+    return grad_t, (grad * xhat).sum((0, 2, 3)), grad.sum((0, 2, 3)).to(weight.dtype)
 
 
-def _conv_backward(grad: Tensor, t: Tensor, weight: Tensor, padding: int
-                   ) -> tuple[Tensor, Tensor]:
-    """Gradients of a bias-free stride-1 convolution w.r.t. (input, weight)."""
-    grad_t, grad_w, _ = aten.convolution_backward(
-        grad, t, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], 1,
-        [True, True, False],
-    )
-    return grad_t, grad_w
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype G_i runs in: autocast's for float32 inputs when autocast is on, else x's."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class _Spec:
+    """Static description of one layer call, shared by forward and backward."""
+
+    def __init__(self, units: Sequence[GunnUnit], gradual: bool, keep: tuple[str, ...]) -> None:
+        unit = units[0]
+        bns = [bn for u in units for bn in (u.bn_in, u.bn_mid, u.bn_out)]
+        self.segments = len(units)
+        self.width = unit.width
+        self.hidden = unit.hidden
+        self.projection = unit.projection
+        self.gradual = gradual
+        self.keep = keep
+        self.training = unit.training
+        self.momenta = [_momentum(bn) for bn in bns]
+        self.eps = [bn.eps for bn in bns]
+        if not all(bn.affine and bn.track_running_stats for bn in bns):
+            raise ValueError("GUNN whole-layer implementations need affine, tracked BatchNorm.")
+
+
+def _unit_tensors(units: Sequence[GunnUnit]) -> list[Tensor]:
+    """The Function's tensor inputs, `_TENSORS_PER_UNIT` per unit (see `_PARAMS_PER_UNIT`)."""
+    flat: list[Tensor] = []
+    for u in units:
+        bns = (u.bn_in, u.bn_mid, u.bn_out)
+        flat += [u.conv_in.weight, u.conv_mid.weight, u.conv_out.weight]
+        flat += [t for bn in bns for t in (bn.weight, bn.bias)]
+        flat += [t for bn in bns for t in (bn.running_mean, bn.running_var)]
+    return flat
 
 
 class _GunnLayerFunction(torch.autograd.Function):
-    """The whole GUNN layer as one autograd node (see the module docstring).
-
-    Inputs: spec, x, then `_TENSORS_PER_UNIT` tensors per unit in `_unit_tensors` order. Keeps x,
-    y, the parameters, per-channel batch statistics and the `spec.keep` conv outputs.
-    """
+    """The whole GUNN layer as one autograd node (see the module docstring)."""
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, x: Tensor, *flat: Tensor) -> Tensor:
-        o, hid = spec.width, spec.hidden
-        buf = x.clone()
+        o, hid, train = spec.width, spec.hidden, spec.training
+        dt = _compute_dtype(x)
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        buf = x.clone(memory_format=fmt)
         params: list[Tensor] = []
         saved: list[Tensor] = []
-        for i in range(spec.segments):
-            unit = flat[i * _TENSORS_PER_UNIT : (i + 1) * _TENSORS_PER_UNIT]
-            w_in, w_mid, w_out, g_in, b_in, g_mid, b_mid, g_out, b_out = unit[:_PARAMS_PER_UNIT]
-            r_in, r_mid, r_out = (unit[j : j + 2] for j in range(_PARAMS_PER_UNIT, 15, 2))
-            mom, eps, train = spec.momenta[3 * i :], spec.eps[3 * i :], spec.training
-            a = F.conv2d(buf if spec.gradual else x, w_in)
-            a_bn, mean_in, inv_in = _bn_forward(a, g_in, b_in, r_in, mom[0], eps[0], train)
-            m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid, padding=1)
-            m_bn, mean_mid, inv_mid = _bn_forward(m, g_mid, b_mid, r_mid, mom[1], eps[1], train)
-            c = F.conv2d(torch.relu_(m_bn), w_out)
-            c_bn, mean_out, inv_out = _bn_forward(c, g_out, b_out, r_out, mom[2], eps[2], train)
-            if spec.projection:
-                c_bn.add_(a_bn[:, hid:])
-            buf[:, i * o : (i + 1) * o].add_(c_bn)  # y_i = x_i + G_i(z_i), written over x_i
-            kept = {"a": a, "m": m, "c": c}
-            params += unit[:_PARAMS_PER_UNIT]
-            saved += [mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out]
-            saved += [kept[name] for name in spec.keep]
-        ctx.spec = spec
+        with torch.autocast(x.device.type, enabled=False):
+            for i in range(spec.segments):
+                unit = flat[i * _TENSORS_PER_UNIT : (i + 1) * _TENSORS_PER_UNIT]
+                w_in, w_mid, w_out, g_in, b_in, g_mid, b_mid, g_out, b_out = unit[:9]
+                r_in, r_mid, r_out = unit[9:11], unit[11:13], unit[13:15]
+                mom, eps = spec.momenta[3 * i : 3 * i + 3], spec.eps[3 * i : 3 * i + 3]
+                z = (buf if spec.gradual else x).to(dt)
+                a = _conv1x1(z, w_in.to(dt))
+                a_bn, mean_in, inv_in = _bn_forward(a, g_in, b_in, r_in, mom[0], eps[0], train)
+                m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid.to(dt), padding=1)
+                m_bn, mean_mid, inv_mid = _bn_forward(m, g_mid, b_mid, r_mid, mom[1], eps[1], train)
+                c = _conv1x1(torch.relu_(m_bn), w_out.to(dt))
+                c_bn, mean_out, inv_out = _bn_forward(c, g_out, b_out, r_out, mom[2], eps[2], train)
+                if spec.projection:
+                    c_bn.add_(a_bn[:, hid:])
+                buf[:, i * o : (i + 1) * o].add_(c_bn)  # y_i = x_i + G_i(z_i), over x_i
+                kept = {"a": a, "m": m, "c": c}
+                params += unit[:_PARAMS_PER_UNIT]
+                saved += [mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out]
+                saved += [kept[name] for name in spec.keep]
+        ctx.spec, ctx.dtype, ctx.format = spec, dt, fmt
         ctx.save_for_backward(x, buf, *params, *saved)
         return buf
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         spec: _Spec = ctx.spec
-        o, hid, k, train = spec.width, spec.hidden, spec.segments, spec.training
+        o, hid, k, train, dt = spec.width, spec.hidden, spec.segments, spec.training, ctx.dtype
         x, y, *rest = ctx.saved_tensors
         params, saved = rest[: k * _PARAMS_PER_UNIT], rest[k * _PARAMS_PER_UNIT :]
-        per_unit = 6 + len(spec.keep)
-        grad_state = grad_y.clone()  # dL/dz_{i+1}; becomes dL/dz_i, ends as dL/dx
-        state = y.clone() if spec.gradual else x  # z_{i+1}, turned into z_i segment by segment
-        grads: list[Tensor | None] = []
+        per_unit = _STATS_PER_UNIT + len(spec.keep)
+        grad_state = grad_y.clone(memory_format=ctx.format)  # dL/dz_{i+1} -> dL/dz_i -> dL/dx
+        state = y.clone(memory_format=ctx.format) if spec.gradual else x  # z_{i+1} -> z_i
+        grads: list[Tensor | None] = [None] * (k * _TENSORS_PER_UNIT)
         for i in reversed(range(k)):
-            w_in, w_mid, w_out, g_in, b_in, g_mid, b_mid, g_out, _ = params[
-                i * _PARAMS_PER_UNIT : (i + 1) * _PARAMS_PER_UNIT
-            ]
+            p = params[i * _PARAMS_PER_UNIT : (i + 1) * _PARAMS_PER_UNIT]
+            w_in, w_mid, w_out = (w.to(dt) for w in p[:3])
+            g_in, b_in, g_mid, b_mid, g_out = p[3:8]
             mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out, *kept_list = saved[
                 i * per_unit : (i + 1) * per_unit
             ]
             kept = dict(zip(spec.keep, kept_list, strict=True))
-            eps = spec.eps[3 * i :]
+            eps = spec.eps[3 * i : 3 * i + 3]
             seg = slice(i * o, (i + 1) * o)
             if spec.gradual:
                 state[:, seg].copy_(x[:, seg])  # z_i = cat(y_<i, x_>=i)
-            # dL/dy_i: in the gradual rule it is dL/dz_{i+1}'s segment i (later units read y_i);
-            # in the simultaneous rule only the output reads y_i.
-            grad_seg = grad_state[:, seg].clone() if spec.gradual else grad_y[:, seg]
+            # dL/dy_i. Gradual: segment i of dL/dz_{i+1} (later units read y_i), taken before
+            # J_i^T is added below. Simultaneous: only the output reads y_i.
+            grad_out = (grad_state if spec.gradual else grad_y)[:, seg].to(dt, copy=True)
+            z = state.to(dt)
             # Recompute what was not kept; BatchNorm uses the saved statistics.
-            a = kept["a"] if "a" in kept else F.conv2d(state, w_in)
-            h1 = torch.relu(_affine(a[:, :hid], mean_in[:hid], inv_in[:hid], g_in[:hid],
-                                    b_in[:hid]))
+            a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
+            h1 = _bn_relu(a[:, :hid], mean_in[:hid], inv_in[:hid], g_in[:hid], b_in[:hid])
             m = kept["m"] if "m" in kept else F.conv2d(h1, w_mid, padding=1)
-            h2 = torch.relu(_affine(m, mean_mid, inv_mid, g_mid, b_mid))
-            c = kept["c"] if "c" in kept else F.conv2d(h2, w_out)
-            # Backpropagate dL/dy_i through G_i.
-            g_c, d_g_out, d_b_out = _bn_backward(grad_seg, c, g_out, mean_out, inv_out, eps[2],
-                                                 train)
-            g_h2, d_w_out = _conv_backward(g_c, h2, w_out, 0)
-            g_m, d_g_mid, d_b_mid = _bn_backward(aten.threshold_backward(g_h2, h2, 0), m, g_mid,
-                                                 mean_mid, inv_mid, eps[1], train)
-            g_h1, d_w_mid = _conv_backward(g_m, h1, w_mid, 1)
+            h2 = _bn_relu(m, mean_mid, inv_mid, g_mid, b_mid)
+            c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
+            # Backpropagate dL/dy_i through G_i, in reverse order of its forward.
+            base = i * _TENSORS_PER_UNIT
+            g_c, grads[base + 7], grads[base + 8] = _bn_backward(
+                grad_out, c, g_out, mean_out, inv_out, eps[2], train
+            )
+            grads[base + 2], g_h2 = _conv1x1_backward(g_c, h2, w_out)
+            g_m, grads[base + 5], grads[base + 6] = _bn_backward(
+                aten.threshold_backward(g_h2, h2, 0), m, g_mid, mean_mid, inv_mid, eps[1], train
+            )
+            g_h1, grads[base + 1], _ = aten.convolution_backward(
+                g_m, h1, w_mid, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [True, True, False],
+            )
             g_a_bn = aten.threshold_backward(g_h1, h1, 0)
             if spec.projection:
-                g_a_bn = torch.cat([g_a_bn, grad_seg], dim=1)
-            g_a, d_g_in, d_b_in = _bn_backward(g_a_bn, a, g_in, mean_in, inv_in, eps[0], train)
-            g_z, d_w_in = _conv_backward(g_a, state, w_in, 0)
-            grad_state.add_(g_z)
-            grads = [d_w_in, d_w_mid, d_w_out, d_g_in, d_b_in, d_g_mid, d_b_mid, d_g_out,
-                     d_b_out, *[None] * (_TENSORS_PER_UNIT - _PARAMS_PER_UNIT), *grads]
+                g_a_bn = torch.cat([g_a_bn, grad_out], dim=1)
+            g_a, grads[base + 3], grads[base + 4] = _bn_backward(
+                g_a_bn, a, g_in, mean_in, inv_in, eps[0], train
+            )
+            grads[base], _ = _conv1x1_backward(g_a, z, w_in, into=grad_state)
         return (None, grad_state, *grads)
 
 
-def _whole_layer(keep: tuple[str, ...]):
-    def update_fn(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
-        _check_units(units)
+def _whole_layer_impl(keep: tuple[str, ...]):
+    def update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
         spec = _Spec(units, update == "gradual", keep)
         return _GunnLayerFunction.apply(spec, x, *_unit_tensors(units))
 
-    return update_fn
+    update.__doc__ = f"Whole-layer Function keeping {keep or 'no'} conv outputs per segment."
+    return update
 
 
 for _name, _keep in KEEP.items():
-    register_impl(_name)(_whole_layer(_keep))
+    register_impl(_name)(_whole_layer_impl(_keep))

@@ -22,6 +22,7 @@ from gunn_exp.models.resnet_cifar import ResNetCifar
 Builder = Callable[..., nn.Module]
 _MODELS: dict[str, Builder] = {}
 SIMULTANEOUS = {"update": "simultaneous"}
+IMAGENET = {"num_classes": 1000}  # default class count of the ImageNet models
 
 
 def register_model(fn: Builder) -> Builder:
@@ -89,7 +90,7 @@ def gunn18(**options: Any) -> Gunn:
     """GUNN-18 (ImageNet; authors' gunn-18.lua). 28,909,736 parameters with 1000 classes."""
     return Gunn(
         stem="imagenet", stem_width=64, widths=(400, 800, 1600, 2000), segments=(10, 20, 40, 50),
-        projection=False, pool="after", **options,
+        projection=False, pool="after", **{**IMAGENET, **options},
     )
 
 
@@ -102,7 +103,7 @@ def wide_gunn18(**options: Any) -> Gunn:
     """
     return Gunn(
         stem="imagenet", stem_width=64, widths=(480, 960, 1920, 2400), segments=(24, 48, 96, 120),
-        projection=True, pool="after", **options,
+        projection=True, pool="after", **{**IMAGENET, **options},
     )
 
 

@@ -1,0 +1,125 @@
+"""Where a run's processes come from, and keeping all ranks of a run in one run directory.
+
+Lightning's DDP launcher starts ranks 1..N-1 by re-running `sys.argv`, with the run directory
+pinned by `hydra.run.dir=`. Inside a Hydra multirun that argv is the whole sweep (`-m` and every
+value), so each extra rank would run the entire sweep again into a second sweep directory, and
+later jobs of the sweep would inherit the first job's rank variables. A multirun job that would
+launch its own ranks therefore runs as a single run in a fresh process (its overrides, its job
+directory), where Lightning's launcher is correct. Jobs whose ranks are started by the cluster
+(hydra/launcher=slurm: one SLURM task per rank) need none of this.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import get_original_cwd
+
+from gunn_exp.config import ConfigError
+from gunn_exp.faults import Interrupted, RunStopped
+
+log = logging.getLogger(__name__)
+
+RANK_RESULTS = ("epochs", "test_err1", "test_err5", "test_loss", "best_val_err1", "final_val_err1")
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def launches_own_ranks(trainer: pl.Trainer) -> bool:
+    """Whether `trainer.fit` would start this run's other processes itself."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    return trainer.world_size > 1 and env is not None and not env.creates_processes_externally
+
+
+def check_rank_run_dirs(trainer: pl.Trainer) -> None:
+    """Refuse ranks started outside Lightning (torchrun, srun) without a shared `hydra.run.dir`.
+
+    Each such rank composes its own config, and the default run directory contains the start
+    time, so the ranks of one run could write into different directories.
+    """
+    if trainer.world_size == 1 or not HydraConfig.initialized() or in_multirun():
+        return
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None or not (env.creates_processes_externally or trainer.num_nodes > 1):
+        return
+    if any(o.lstrip("+").startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra):
+        return
+    raise ConfigError(
+        "the ranks of this run are started one by one (torchrun, srun or one command per node), "
+        "so each needs the same run directory: add hydra.run.dir=<dir>, e.g. "
+        "hydra.run.dir=logs/train/runs/$SLURM_JOB_ID (see docs/CLUSTER.md)."
+    )
+
+
+def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
+    """Run this multirun job in a fresh `python train.py <job overrides>` process; its results.
+
+    The child writes into the job's directory (`hydra.run.dir`) and leaves the job's `.hydra/`
+    as the sweep wrote it. SIGTERM/SIGINT are forwarded to it (it checkpoints and stops); it is
+    in its own session so a terminal's Ctrl-C reaches it once, through this process.
+    """
+    hydra_cfg = HydraConfig.get()
+    job = f"multirun job {hydra_cfg.job.num}"
+    command = [
+        *_entry_command(),
+        *hydra_cfg.overrides.task,
+        f"hydra.run.dir={_quoted(output_dir)}",
+        "hydra.output_subdir=null",
+    ]
+    log.info(f"{job} starts DDP ranks: running it as a single run: {shlex.join(command)}")
+    child = subprocess.Popen(command, cwd=get_original_cwd(), start_new_session=True)
+    forwarded: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            forwarded[signum] = signal.signal(signum, lambda s, _: child.send_signal(s))
+    try:
+        code = child.wait()
+    finally:
+        for signum, handler in forwarded.items():
+            signal.signal(signum, handler)
+    if code < 0 or code > 128:
+        signum = -code if code < 0 else code - 128
+        raise Interrupted(
+            f"{job} stopped by signal {signum}; resume it with `ckpt_path=last "
+            f"hydra.run.dir={output_dir}` and the job's overrides ({output_dir}/.hydra).", signum
+        )
+    if code != 0:
+        raise RunStopped(f"{job} failed with exit code {code} (its messages are above).", code)
+    return json.loads((output_dir / "results.json").read_text())
+
+
+def log_rank_results(trainer: pl.Trainer, results: dict[str, Any]) -> None:
+    """One line per rank with its final numbers: all ranks of a DDP run must agree."""
+    if trainer.world_size > 1:
+        numbers = {k: results.get(k) for k in RANK_RESULTS}
+        log.info(f"rank {trainer.global_rank}/{trainer.world_size} results: {json.dumps(numbers)}")
+
+
+def _entry_command() -> list[str]:
+    """How this program was started (`python train.py` or `python -m ...`), absolute."""
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    if spec is not None:
+        return [sys.executable, "-m", spec.name]
+    return [sys.executable, os.path.join(get_original_cwd(), sys.argv[0])]
+
+
+def _quoted(path: Path) -> str:
+    """`path` as a quoted Hydra override value (any character allowed)."""
+    escaped = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"

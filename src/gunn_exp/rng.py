@@ -1,0 +1,167 @@
+"""Random state that a resumed run reproduces exactly: per-epoch seeds, data order, RNG snapshots.
+
+Lightning checkpoints restore weights, optimizer, scheduler and loop counters, but not the global
+RNGs, and the default shuffling draws its order from the global torch RNG whenever an iterator
+is created, so a resumed run would see other batches and other random draws than an
+uninterrupted one. `EpochSeeding` makes every epoch start from seeds derived from (run seed,
+epoch, rank) alone; a checkpoint written mid-epoch (on a signal, see faults.py) also carries the
+RNG states of that moment and how many batches of the epoch were done, and the resumed run
+continues from exactly there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """A well-mixed 32-bit seed for one (run seed, epoch, rank, stream) combination."""
+    return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
+
+
+def rng_states() -> dict[str, Any]:
+    """Snapshot of the python, numpy, torch CPU and (when present) CUDA global RNGs.
+
+    Only tensors and plain Python values, so checkpoints still load with `weights_only=True`.
+    """
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore a `rng_states()` snapshot (CUDA states only when this machine has the same GPUs)."""
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.device_count() == len(states["cuda"]):
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU) without Lightning's log line."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SkipFirst(Sampler[int]):
+    """Yields `sampler`'s indices without the first `count` (the batches a resumed epoch had done).
+
+    Its length stays the full epoch's so Lightning's batch counting is unchanged.
+    """
+
+    def __init__(self, sampler: Sampler[int], count: int) -> None:
+        self.sampler = sampler
+        self.count = count
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.count, None)
+
+    def __len__(self) -> int:
+        assert isinstance(self.sampler, Sized)
+        return len(self.sampler)
+
+
+class EpochSeeding(pl.Callback):
+    """Seeds every epoch from (seed, epoch, rank) and resumes mid-epoch checkpoints exactly.
+
+    At each epoch start: the global RNGs (dropout, augmentation in the main process), the train
+    loader's shuffling generator (a single-process RandomSampler; Lightning's DistributedSampler
+    is already seeded by epoch) and its worker-seed generator are all reseeded. The run's result
+    thus depends only on the seed, never on how many times it was stopped and resumed.
+
+    The callback's checkpoint state records the epoch, the batches done in it and the RNG
+    states; resuming from a checkpoint written between two batches (Lightning then skips
+    `on_train_epoch_start`) restores those states and skips the batches already trained on.
+
+    Limits: with data-loader worker processes (num_workers > 0) the order is exact but random
+    augmentations in the workers are not (persistent workers keep their RNG across epochs);
+    under DDP a mid-epoch checkpoint holds rank 0's RNG states only.
+    """
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._epoch = -1
+        self._batches = 0
+        self._seeded_epoch = -1
+        self._resume: dict[str, Any] | None = None
+        self._loader_started = False  # the first epoch's iterator predates every epoch hook
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches": self._batches, "rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seed is None:
+            return
+        self._loader_started = True
+        state, self._resume = self._resume, None
+        epoch = trainer.current_epoch
+        done = state["batches"] if state and state["epoch"] == epoch else 0
+        if not 0 < done < trainer.num_training_batches:
+            return  # an epoch boundary: on_train_epoch_start seeds the epoch
+        self._prepare_loader(trainer, epoch, skip_batches=done)
+        set_rng_states(state["rng"])
+        self._epoch, self._batches, self._seeded_epoch = epoch, done, epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.seed is None:
+            return
+        epoch = trainer.current_epoch
+        if epoch != self._seeded_epoch:
+            self._prepare_loader(trainer, epoch, skip_batches=0)
+            seed_all(epoch_seed(self.seed, epoch, trainer.global_rank, stream=0))
+            self._seeded_epoch = epoch
+        self._epoch, self._batches = epoch, 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._batches = batch_idx + 1
+
+    def _prepare_loader(self, trainer: pl.Trainer, epoch: int, skip_batches: int) -> None:
+        """Seed the train loader's generators for `epoch` and skip batches a resumed epoch did."""
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            return
+        assert self.seed is not None
+        rank = trainer.global_rank
+        # The iterator's worker-seed draw uses this generator, not the global RNG.
+        loader.generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank, 1))
+        if isinstance(loader.sampler, RandomSampler):
+            loader.sampler.generator = torch.Generator().manual_seed(
+                epoch_seed(self.seed, epoch, 0, 2)
+            )
+        batch_sampler = loader.batch_sampler
+        if isinstance(batch_sampler, BatchSampler):
+            if isinstance(batch_sampler.sampler, SkipFirst):
+                batch_sampler.sampler = batch_sampler.sampler.sampler
+            if skip_batches:
+                batch_sampler.sampler = SkipFirst(
+                    batch_sampler.sampler, skip_batches * batch_sampler.batch_size
+                )
+        # Lightning creates a fit's first iterator before any callback hook, and worker
+        # processes have already drawn indices from it: restart it with the order set above
+        # (iter() on a persistent-workers loader resets, in place, the iterator Lightning holds).
+        if self._loader_started and loader.num_workers > 0 and loader.persistent_workers:
+            iter(loader)
+        self._loader_started = False

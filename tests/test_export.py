@@ -1,0 +1,69 @@
+"""export.py: the TorchScript and ONNX files give the trained model's outputs on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from conftest import run_entry
+from PIL import Image
+from sklearn.datasets import load_digits
+from test_inference import digits_run_dir
+
+from gunn_exp.inference import load_run
+from gunn_exp.preprocessing import Preprocessing
+
+ATOL = 1e-4
+# torch.jit.load warns that TorchScript is deprecated; loading it is what this test is about.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run directory, export folder) of the session's tiny digits run."""
+    run_dir = digits_run_dir(tmp_path_factory)
+    out = tmp_path_factory.mktemp("export")
+    proc = run_entry("export.py", str(run_dir), "--out", str(out))
+    assert "model.onnx: max |logit difference|" in proc.stdout
+    return run_dir, out
+
+
+def digit_batch(preprocessing: Preprocessing, n: int, tmp_path: Path) -> torch.Tensor:
+    """`n` real digits as image files, preprocessed as recorded (n: a batch size not traced)."""
+    images = load_digits().images[:n]
+    paths = []
+    for i, pixels in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((pixels * 255 / 16).round().astype(np.uint8), mode="L").save(paths[-1])
+    return torch.stack([preprocessing.load(p) for p in paths])
+
+
+def test_export_writes_models_with_their_preprocessing(exported: tuple[Path, Path]) -> None:
+    run_dir, out = exported
+    assert {p.name for p in out.iterdir()} == {
+        "model.ts", "model.onnx", "preprocessing.json", "classes.json"
+    }
+    assert Preprocessing.read(out) == Preprocessing.read(run_dir)
+    assert json.loads((out / "classes.json").read_text()) == [str(d) for d in range(10)]
+
+
+def test_exported_models_match_the_eager_model_on_cpu(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run_dir, out = exported
+    run = load_run(run_dir)  # the model as trained (its configured GUNN implementation)
+    x = digit_batch(Preprocessing.read(out), 5, tmp_path)
+    with torch.no_grad():
+        expected = run.model(x)
+        scripted = torch.jit.load(str(out / "model.ts"))(x)
+    torch.testing.assert_close(scripted, expected, atol=ATOL, rtol=0)
+    session = onnxruntime.InferenceSession(
+        str(out / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch dimension
+    (logits,) = session.run(None, {"images": x.numpy()})
+    np.testing.assert_allclose(logits, expected.numpy(), atol=ATOL, rtol=0)
