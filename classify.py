@@ -35,8 +35,11 @@ def main() -> int:
         print(p.name)
         for rank, (name, prob) in enumerate(p.top, start=1):
             print(f"  {rank}. {name:<{width}}  {100 * prob:6.2f}%")
-    print(f"{len(predictions)} image(s) classified by {run.model_name} ({run.checkpoint}); "
-          f"{len(skipped)} skipped", file=sys.stderr)
+    print(
+        f"{len(predictions)} image(s) classified by {run.model_name} ({run.checkpoint}); "
+        f"{len(skipped)} skipped",
+        file=sys.stderr,
+    )
     return 0 if predictions else 1
 
 

@@ -21,8 +21,9 @@ def main() -> int:
     parser.add_argument("run", help="run directory, or a checkpoint inside one")
     parser.add_argument("--ckpt", default="best", help="best | last | <path>")
     parser.add_argument("--out", type=Path, help="output folder (default: <run_dir>/export)")
-    parser.add_argument("--format", nargs="+", choices=["torchscript", "onnx"],
-                        default=["torchscript", "onnx"])
+    parser.add_argument(
+        "--format", nargs="+", choices=["torchscript", "onnx"], default=["torchscript", "onnx"]
+    )
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
@@ -41,8 +42,10 @@ def main() -> int:
         print(f"{name}: max |logit difference| from the eager model {diff:.2e}")
     bad = [name for name, diff in diffs.items() if diff > args.atol]
     if bad:
-        print(f"error: {', '.join(bad)} differ from the eager model by more than {args.atol}",
-              file=sys.stderr)
+        print(
+            f"error: {', '.join(bad)} differ from the eager model by more than {args.atol}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

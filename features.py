@@ -38,8 +38,10 @@ def main() -> int:
         print("error: no image could be read; nothing written.", file=sys.stderr)
         return 1
     written = save_features(args.output, names, features, run)
-    print(f"{features.shape[0]} x {features.shape[1]} features of {run.model_name} "
-          f"({run.checkpoint}) -> {', '.join(map(str, written))}; {len(skipped)} skipped")
+    print(
+        f"{features.shape[0]} x {features.shape[1]} features of {run.model_name} "
+        f"({run.checkpoint}) -> {', '.join(map(str, written))}; {len(skipped)} skipped"
+    )
     return 0
 
 

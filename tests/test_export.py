@@ -14,6 +14,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from test_inference import digits_run_dir
 
+import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN implementations)
+from gunn_exp.export import export_run
 from gunn_exp.inference import load_run
 from gunn_exp.preprocessing import Preprocessing
 
@@ -45,7 +47,10 @@ def digit_batch(preprocessing: Preprocessing, n: int, tmp_path: Path) -> torch.T
 def test_export_writes_models_with_their_preprocessing(exported: tuple[Path, Path]) -> None:
     run_dir, out = exported
     assert {p.name for p in out.iterdir()} == {
-        "model.ts", "model.onnx", "preprocessing.json", "classes.json"
+        "model.ts",
+        "model.onnx",
+        "preprocessing.json",
+        "classes.json",
     }
     assert Preprocessing.read(out) == Preprocessing.read(run_dir)
     assert json.loads((out / "classes.json").read_text()) == [str(d) for d in range(10)]
@@ -67,3 +72,20 @@ def test_exported_models_match_the_eager_model_on_cpu(
     assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch dimension
     (logits,) = session.run(None, {"images": x.numpy()})
     np.testing.assert_allclose(logits, expected.numpy(), atol=ATOL, rtol=0)
+
+
+def test_a_model_with_a_memory_light_gunn_implementation_exports(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # Whole-layer autograd Functions cannot be traced; export switches to `reference`, which
+    # computes the same function with the same weights.
+    run = load_run(exported[0])
+    for layer in run.model.gunn_layers():
+        layer.impl = "keep_in"
+    x = digit_batch(run.preprocessing, 3, tmp_path)
+    with torch.no_grad():
+        expected = run.model(x)
+    export_run(run, tmp_path / "export", ("torchscript",))
+    with torch.no_grad():
+        scripted = torch.jit.load(str(tmp_path / "export" / "model.ts"))(x)
+    torch.testing.assert_close(scripted, expected, atol=ATOL, rtol=0)

@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_entry
+from conftest import ROOT, run_entry
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from omegaconf import open_dict
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.config import ConfigError
+from gunn_exp.evaluate import evaluate
 from gunn_exp.inference import RunError, find_run, list_images, load_run, pooled_features
 from gunn_exp.models import create_model
 from gunn_exp.predict import classify_images
@@ -33,8 +38,14 @@ def digits_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (run_dir / "results.json").is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
         # One epoch: last.ckpt then holds the final weights, which train.py tests.
-        run_entry("train.py", "experiment=digits", "debug=tiny", "trainer.max_epochs=1",
-                  f"hydra.run.dir={run_dir}", "print_config=false")
+        run_entry(
+            "train.py",
+            "experiment=digits",
+            "debug=tiny",
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={run_dir}",
+            "print_config=false",
+        )
     return run_dir
 
 
@@ -100,21 +111,32 @@ def test_eval_best_writes_confusion_matrix_and_per_class_error(run_dir: Path) ->
 
 def test_eval_on_other_data_with_the_same_classes(run_dir: Path, cifar_root: Path) -> None:
     # data=<name> replaces the run's data config; the digits model reads 3-channel images.
-    run_entry("eval.py", f"run_dir={run_dir}", "data=cifar10", f"paths.data_dir={cifar_root}",
-              "data.download=false", "data.verify_checksums=false", "num_workers=0")
+    run_entry(
+        "eval.py",
+        f"run_dir={run_dir}",
+        "data=cifar10",
+        f"paths.data_dir={cifar_root}",
+        "data.download=false",
+        "data.verify_checksums=false",
+        "num_workers=0",
+    )
     results = json.loads((run_dir / "eval" / "best_cifar10" / "results.json").read_text())
     assert results["data"] == "cifar10" and results["images"] == 20
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
-    [(["data=cifar100"], "has 100 classes but the model"), (["ten_crop=true"], "ten_crop=true")],
+    ("override", "message"),
+    [("data=cifar100", "has 100 classes but the model"), ("ten_crop=true", "ten_crop=true")],
 )
-def test_eval_refuses_data_that_cannot_work(
-    run_dir: Path, overrides: list[str], message: str
-) -> None:
-    proc = run_entry("eval.py", f"run_dir={run_dir}", *overrides, check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+def test_eval_refuses_data_that_cannot_work(run_dir: Path, override: str, message: str) -> None:
+    # In-process (Hydra's compose API) to save a subprocess; the CLI's error path is tested below.
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", [f"run_dir={run_dir}", override], return_hydra_config=True)
+        HydraConfig().set_config(cfg)  # as @hydra.main does: ${hydra:...} values resolve and
+        with open_dict(cfg):  # the task sees no `hydra` node
+            del cfg.hydra
+    with pytest.raises(ConfigError, match=message):
+        evaluate(cfg)
 
 
 def test_eval_refuses_a_checkpoint_of_another_model(run_dir: Path, tmp_path: Path) -> None:
@@ -167,17 +189,26 @@ def test_features_to_npy_with_names(run_dir: Path, image_dir: Path, tmp_path: Pa
     assert names == sorted(p.name for p in image_dir.glob("digit*.png"))
     run = load_run(run_dir)
     assert features.shape == (DIGITS, run.model.num_features)
-    expected = pooled_features(run.model, torch.stack([run.preprocessing.load(image_dir / n)
-                                                       for n in names]))
+    expected = pooled_features(
+        run.model, torch.stack([run.preprocessing.load(image_dir / n) for n in names])
+    )
     np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
 
 
 def test_finetune_digits_to_cifar10(run_dir: Path, cifar_root: Path, tmp_path: Path) -> None:
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     proc = run_entry(
-        "train.py", "data=cifar10", "model=gunn_mini", f"paths.data_dir={cifar_root}",
-        "data.download=false", "data.verify_checksums=false", "data.num_workers=0",
-        "data.batch_size=8", f"init_from={ckpt}", "debug=tiny", f"hydra.run.dir={tmp_path}",
+        "train.py",
+        "data=cifar10",
+        "model=gunn_mini",
+        f"paths.data_dir={cifar_root}",
+        "data.download=false",
+        "data.verify_checksums=false",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        f"init_from={ckpt}",
+        "debug=tiny",
+        f"hydra.run.dir={tmp_path}",
         "print_config=false",
     )
     assert f"init_from {ckpt}:" in proc.stdout + proc.stderr
@@ -197,8 +228,9 @@ def test_init_from_replaces_a_classifier_of_another_size(run_dir: Path) -> None:
 
 def test_init_from_refuses_another_backbone(run_dir: Path) -> None:
     with pytest.raises(CheckpointError, match="backbone does not match model resnet18_cifar"):
-        init_from_checkpoint(create_model("resnet18_cifar"), run_dir / "checkpoints" / "best.ckpt",
-                             "resnet18_cifar")
+        init_from_checkpoint(
+            create_model("resnet18_cifar"), run_dir / "checkpoints" / "best.ckpt", "resnet18_cifar"
+        )
 
 
 def test_unusable_runs_and_checkpoints_are_refused(run_dir: Path, tmp_path: Path) -> None:
@@ -210,3 +242,15 @@ def test_unusable_runs_and_checkpoints_are_refused(run_dir: Path, tmp_path: Path
     corrupt.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_weights(create_model("gunn_mini"), corrupt, "gunn_mini")
+
+
+def test_a_run_without_classes_and_preprocessing_rebuilds_them(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # An interrupted (or older) run has config.yaml and checkpoints only.
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir / "checkpoints", bare / "checkpoints")
+    shutil.copy(run_dir / "config.yaml", bare)
+    run, recorded = load_run(bare), load_run(run_dir)
+    assert run.classes == recorded.classes
+    assert run.preprocessing == recorded.preprocessing

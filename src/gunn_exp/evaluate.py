@@ -41,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run = load_run(cfg.run_dir, cfg.ckpt, device=cfg.device)
     data_cfg = _data_config(cfg, run.config)
     validate_config(OmegaConf.create({"data": data_cfg}))
-    num_classes = int(run.config.model.num_classes)
+    num_classes = int(run.model.num_classes)
     if data_cfg["num_classes"] != num_classes:
         raise ConfigError(
             f"data {data_cfg['name']} has {data_cfg['num_classes']} classes but the model of "
@@ -76,8 +76,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     write_results(results, out_dir)
     _write_confusion(confusion, dm.classes, out_dir)
     _plot_confusion(confusion, dm.classes, out_dir / "confusion_matrix.png", _title(results))
-    log.info(f"{_title(results)}: top-1 error {results['err1']:.2f}%   top-5 error "
-             f"{results['err5']:.2f}%   ({results['images']} test images)")
+    log.info(
+        f"{_title(results)}: top-1 error {results['err1']:.2f}%   top-5 error "
+        f"{results['err5']:.2f}%   ({results['images']} test images)"
+    )
     log.info(f"written to {out_dir}")
     return results
 
@@ -123,8 +125,10 @@ def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
 
 def _title(results: dict[str, Any]) -> str:
     crops = ", ten-crop" if results["ten_crop"] else ""
-    return (f"{results['model']} ({Path(results['checkpoint']).name}, epoch {results['epoch']}) "
-            f"on {results['data']}{crops}")
+    return (
+        f"{results['model']} ({Path(results['checkpoint']).name}, epoch {results['epoch']}) "
+        f"on {results['data']}{crops}"
+    )
 
 
 def _write_confusion(confusion: Tensor, classes: list[str], out_dir: Path) -> None:

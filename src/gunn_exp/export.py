@@ -57,8 +57,15 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
     """torch.export-based ONNX export with a dynamic batch dimension, weights inside the file."""
     batch = torch.export.Dim("batch")
     torch.onnx.export(
-        model, (example,), str(path), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-        dynamic_shapes=({0: batch},), external_data=False, verbose=False,
+        model,
+        (example,),
+        str(path),
+        dynamo=True,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes=({0: batch},),
+        external_data=False,
+        verbose=False,
     )
     return path
 

@@ -141,7 +141,7 @@ class FiniteLossGuard(pl.Callback):
         )
         raise NonFiniteLoss(
             f"non-finite training loss ({loss.item()}) in epoch {trainer.current_epoch + 1}, "
-            f"step {trainer.global_step}: training stopped before it reached the weights; "
+            f"step {trainer.global_step}: stopped before this step updated the weights; "
             f"{kept}. Lower optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or check "
             f"the data."
         )

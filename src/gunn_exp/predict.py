@@ -63,8 +63,12 @@ def save_features(
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".pt":
         torch.save(
-            {"features": features, "names": names, "model": run.model_name,
-             "checkpoint": str(run.checkpoint)},
+            {
+                "features": features,
+                "names": names,
+                "model": run.model_name,
+                "checkpoint": str(run.checkpoint),
+            },
             path,
         )
         return [path]

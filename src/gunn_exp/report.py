@@ -160,11 +160,17 @@ def _paper(paper: Mapping[str, float], key: str) -> str:
 
 
 def convergence_table(
-    runs: Sequence[Run], fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0)
+    runs: Sequence[Run], fractions: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 1.0)
 ) -> str:
-    """Mean ± std of training loss and validation top-1 error at fractions of each group's epochs:
-    how fast each group learns, not only where it ends (the paper's GUNN-vs-SUNN argument)."""
-    header = ("model", "data", "metric", *(f"epoch {int(f * 100)}%" for f in fractions))
+    """Mean ± std of training loss and validation top-1 error at fractions of each group's epochs
+    (0: the first epoch): how fast each group learns, not only where it ends (the paper's
+    GUNN-vs-SUNN argument)."""
+    header = (
+        "model",
+        "data",
+        "metric",
+        *(f"{f:.0%} of epochs" if f else "first epoch" for f in fractions),
+    )
     rows = []
     for (model, data, epochs), group in group_runs(runs).items():
         for key, name in (("train/loss", "train loss"), ("val/err1", "val top-1 (%)")):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -97,6 +98,8 @@ class EpochSeeding(pl.Callback):
 
     def __init__(self, seed: int | None) -> None:
         self.seed = seed
+        if seed is not None:  # this callback is what makes such a resume exact
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before")
         self._epoch = -1
         self._batches = 0
         self._seeded_epoch = -1

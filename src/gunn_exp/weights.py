@@ -58,17 +58,23 @@ class StateDiff:
     def __str__(self) -> str:
         parts = []
         if self.shapes:
-            shown = ", ".join(f"{k} {list(a)} in the checkpoint vs {list(b)} in the model"
-                              for k, a, b in self.shapes[:SHOWN])
+            shown = ", ".join(
+                f"{k} {list(a)} in the checkpoint vs {list(b)} in the model"
+                for k, a, b in self.shapes[:SHOWN]
+            )
             parts.append(
                 f"{len(self.shapes)} tensor(s) of another shape ({shown}{_more(self.shapes)})"
             )
         if self.missing:
-            parts.append(f"{len(self.missing)} tensor(s) missing from the checkpoint "
-                         f"({', '.join(self.missing[:SHOWN])}{_more(self.missing)})")
+            parts.append(
+                f"{len(self.missing)} tensor(s) missing from the checkpoint "
+                f"({', '.join(self.missing[:SHOWN])}{_more(self.missing)})"
+            )
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} tensor(s) the model does not have "
-                         f"({', '.join(self.unexpected[:SHOWN])}{_more(self.unexpected)})")
+            parts.append(
+                f"{len(self.unexpected)} tensor(s) the model does not have "
+                f"({', '.join(self.unexpected[:SHOWN])}{_more(self.unexpected)})"
+            )
         return "; ".join(parts)
 
 
@@ -92,7 +98,7 @@ def _trained_as(checkpoint: str | Path) -> str | None:
 
 def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
     """The network's tensors of a ClassificationModule checkpoint, keys without `model.`."""
-    state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    state = {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
     if not state:
         raise CheckpointError(
             f"checkpoint {path} holds no network weights (no '{PREFIX}*' tensors): it was not "
@@ -146,7 +152,10 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
     model.load_state_dict(copied, strict=False)
     log.info(
         f"init_from {path}: {len(copied)} tensors copied; "
-        + (f"re-initialised (classifier of another shape): {', '.join(fresh)}" if fresh
-           else "classifier kept (same number of classes)")
+        + (
+            f"re-initialised (classifier of another shape): {', '.join(fresh)}"
+            if fresh
+            else "classifier kept (same number of classes)"
+        )
     )
     return fresh

@@ -1,0 +1,85 @@
+"""Complexity report: the summarize.py entry point and the counting functions it is built on."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from conftest import run_entry
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from gunn_exp.complexity import (
+    count_macs,
+    count_params,
+    markdown_summary,
+    peak_saved_bytes,
+    saved_activation_bytes,
+    stage_table,
+    summarize,
+)
+from gunn_exp.models import create_model
+
+
+def test_summarize_entry_point_reports_gunn15() -> None:
+    out = run_entry("summarize.py", "model=gunn15", "data=cifar10").stdout
+    assert "1,585,746" in out
+    macs = int(re.search(r"Multiply-adds per image\D*([\d,]+)", out).group(1).replace(",", ""))
+    assert abs(macs / 0.556e9 - 1) < 0.02  # SPEC §2: about 0.556 G multiply-adds
+    assert re.search(r"FLOPs per image \(2 x MACs\)\D*" + f"{2 * macs:,}", out)
+    for stage in ("stem", "stage1", "stage2", "stage3", "head", "240x32x32", "360x8x8"):
+        assert stage in out
+    assert re.search(r"Saved for backward per image\s*\S*\s*[\d.]+ MiB", out)
+
+
+def test_macs_of_known_layers() -> None:
+    conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # each output reads 4 / 2 channels x 9 taps
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(8 * 25, 4))
+    assert count_macs(model, torch.zeros(1, 4, 5, 5)) == 8 * 5 * 5 * 2 * 9 + 4 * 8 * 25
+
+
+def test_macs_agree_with_torch_flop_counter() -> None:
+    """Hooks and aten-level counting agree: convs and matmuls are all a GUNN multiplies."""
+    model = create_model("gunn_mini").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert counter.get_total_flops() == 2 * count_macs(model, x)
+
+
+def test_stage_table_adds_up() -> None:
+    model = create_model("gunn_mini")
+    x = torch.randn(1, 3, 16, 16)
+    rows = stage_table(model, x)
+    assert [r.name for r in rows] == ["stem", "stage1", "stage2", "stage3", "head"]
+    assert sum(r.params for r in rows) == count_params(model) == 119_050
+    assert sum(r.macs for r in rows) == count_macs(model, x)
+    assert [r.output_shape for r in rows][-2:] == [(64, 4, 4), (10,)]
+
+
+def test_saved_bytes_of_a_linear_layer() -> None:
+    """Linear keeps its input for the weight gradient; the weight itself is not an activation."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    assert saved_activation_bytes(model, x) == 2 * 4 * 4
+
+
+def test_saved_bytes_measurement_leaves_no_trace() -> None:
+    model = create_model("gunn_mini").eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    saved = saved_activation_bytes(model, x)
+    peak = peak_saved_bytes(model, x)
+    assert 0 < saved <= peak
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_markdown_summary() -> None:
+    model = create_model("gunn_mini")
+    s = summarize(model, torch.randn(1, 3, 16, 16), "gunn_mini", "digits", activations=False)
+    text = markdown_summary(s)
+    assert "| Parameters | 119,050 |" in text
+    assert "| stage3 | 55,168 |" in text

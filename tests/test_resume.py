@@ -1,0 +1,153 @@
+"""Exact resume: a run stopped (after an epoch, or by SIGTERM mid-epoch) and resumed gives the
+numbers of an uninterrupted run; `ckpt_path=last|auto` and the wandb run id."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, RUN_ENV, run_entry
+from hydra import compose, initialize_config_dir
+
+from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.config import register_resolvers
+from gunn_exp.resume import WANDB_ID_FILE, resolve_ckpt_path, wandb_resume_kwargs
+
+register_resolvers()
+
+# 4 epochs of 6 batches; the cosine schedule's length is fixed so a 2-epoch run is the first half
+# of the 4-epoch one.
+RUN = ("experiment=digits", "debug=tiny", "trainer.limit_train_batches=6", "scheduler.T_max=4",
+       "print_config=false")
+SAME_IN_EVERY_EPOCH = ("epoch", "lr", "val/loss", "val/err1", "val/err5")
+RESULTS = ("epochs", "test_err1", "test_err5", "test_loss", "best_val_err1", "final_val_err1")
+
+
+def train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run_entry("train.py", *RUN, f"hydra.run.dir={run_dir}", *overrides, check=check)
+
+
+def metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in csv.DictReader(f)]
+
+
+def results(run_dir: Path) -> dict[str, float]:
+    data = json.loads((run_dir / "results.json").read_text())
+    return {k: data[k] for k in RESULTS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(run_dir, "trainer.max_epochs=4")
+    return run_dir
+
+
+def test_two_epochs_resumed_to_four_equal_four_epochs(uninterrupted: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(run_dir, "trainer.max_epochs=2")
+    assert [r["epoch"] for r in metrics(run_dir)] == ["1", "2"]
+    proc = train(run_dir, "trainer.max_epochs=4", "ckpt_path=last")
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert metrics(run_dir) == metrics(uninterrupted)  # every column of every epoch
+    assert results(run_dir) == results(uninterrupted)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}",
+               "trainer.max_epochs=4"]
+    with (tmp_path / "stderr.txt").open("w+") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, env=RUN_ENV, text=True,
+                                stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first epoch's summary row: the run is now in epoch 2
+            if line.split(" - ")[-1].startswith("epoch 1/4 |"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        proc.communicate(timeout=300)
+        err.seek(0)
+        stderr = err.read()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped = re.search(r"^stopped: SIGTERM in epoch \d .*ckpt_path=last", stderr, re.M)
+    assert stopped, stderr[-3000:]
+
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    done = ckpt["callbacks"]["EpochSeeding"]["batches"]
+    assert ckpt["epoch"] >= 1 and 0 < done < 6, "the checkpoint should be from mid-epoch"
+    interrupted = ckpt["epoch"] + 1  # 1-based
+
+    train(run_dir, "trainer.max_epochs=4", "ckpt_path=last")
+    assert results(run_dir) == results(uninterrupted)
+    resumed, reference = metrics(run_dir), metrics(uninterrupted)
+    assert [{k: r[k] for k in SAME_IN_EVERY_EPOCH} for r in resumed] == [
+        {k: r[k] for k in SAME_IN_EVERY_EPOCH} for r in reference
+    ]
+    # Training averages of the interrupted epoch cover only the batches after the resume.
+    assert [r for r in resumed if r["epoch"] != str(interrupted)] == [
+        r for r in reference if r["epoch"] != str(interrupted)
+    ]
+
+
+def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
+    proc = train(tmp_path / "run", "ckpt_path=last", check=False)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("checkpoint error:")]
+    assert len(lines) == 1 and "hydra.run.dir=" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_resolve_ckpt_path(tmp_path: Path) -> None:
+    assert resolve_ckpt_path(None, tmp_path) is None
+    assert resolve_ckpt_path("auto", tmp_path) is None  # nothing to resume: a fresh start
+    with pytest.raises(CheckpointError, match="hydra.run.dir"):
+        resolve_ckpt_path("last", tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.touch()
+    assert resolve_ckpt_path("last", tmp_path) == last
+    assert resolve_ckpt_path("auto", tmp_path) == last
+    assert resolve_ckpt_path(str(last), Path("/elsewhere")) == last
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_wandb_run_id_is_kept_with_the_run_directory(tmp_path: Path) -> None:
+    assert wandb_resume_kwargs(compose_train("logger=csv"), tmp_path) == {}
+    cfg = compose_train("logger=wandb")
+    first = wandb_resume_kwargs(cfg, tmp_path)
+    assert first["resume"] == "allow" and first["id"]
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() == first["id"]
+    assert wandb_resume_kwargs(cfg, tmp_path) == first  # the resumed run: same wandb run
+    explicit = compose_train("logger=wandb", "logger.wandb.id=abc123")
+    assert wandb_resume_kwargs(explicit, tmp_path)["id"] == "abc123"
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
+    """Offline wandb: the first run and its resumption write runs with one id."""
+    run_dir = tmp_path / "run"
+    env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    for overrides in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "ckpt_path=last"]):
+        subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *RUN, "logger=wandb",
+             f"hydra.run.dir={run_dir}", *overrides],
+            cwd=ROOT, env=env, check=True, capture_output=True, timeout=300,
+        )
+    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)
