@@ -157,18 +157,24 @@ def test_options_reach_the_layers() -> None:
 
 
 def test_layout_of_paper_models() -> None:
-    """Pooling placement and head of SPEC §2's tables, read from the output shapes."""
+    """SPEC §2's tables: where the pooling sits, the head, the total stride."""
     gunn15 = create_model("gunn15").eval()
-    shapes = [tuple(stage(torch.zeros(1, 64, 32, 32)).shape) for stage in gunn15.stages[:1]]
-    assert shapes == [(1, 240, 32, 32)]
-    assert gunn15.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 360, 8, 8)
+    with torch.no_grad():
+        assert gunn15.stages[0](torch.zeros(1, 64, 32, 32)).shape == (1, 240, 32, 32)
+        assert gunn15.forward_features(torch.zeros(1, 3, 32, 32)).shape == (1, 360, 8, 8)
     assert isinstance(gunn15.stages[1].pool, nn.AvgPool2d)  # CIFAR: pool before the GUNN layer
+    assert [len(list(s.children())) for s in create_model("gunn24").stages] == [3, 4, 4]
+
     gunn18 = create_model("gunn18").eval()
     assert gunn18.num_classes == 1000
-    assert gunn18.forward_features(torch.zeros(1, 3, 224, 224)).shape == (1, 2000, 7, 7)
-    assert isinstance(gunn18.stages[0][-1], nn.AvgPool2d)  # ImageNet: pool after the GUNN layer
-    assert not isinstance(gunn18.stages[-1][-1], nn.AvgPool2d)
-    assert [len(list(s.children())) for s in create_model("gunn24").stages] == [3, 4, 4]
+    conv, pool = gunn18.stem[0], gunn18.stem[-1]
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (2, 2), (3, 3))
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    assert all(isinstance(stage[-1], nn.AvgPool2d) for stage in gunn18.stages[:-1])  # after
+    assert not isinstance(gunn18.stages[-1][-1], nn.AvgPool2d)  # the global pool does the last
+    assert isinstance(gunn18.head, nn.Identity)
+    with torch.no_grad():  # total stride 32: 2000x7x7 at 224x224
+        assert gunn18.forward_features(torch.zeros(1, 3, 64, 64)).shape == (1, 2000, 2, 2)
 
 
 def test_create_model_errors_name_the_problem() -> None:

@@ -344,19 +344,22 @@ def shape(s: tuple[int, ...]) -> str:
     return "x".join(map(str, s))
 
 
-def summary_lines(s: Summary) -> list[tuple[str, str, str]]:
-    """(quantity, ours, paper) rows of a model's summary."""
+def summary_lines(s: Summary) -> list[list[str]]:
+    """[quantity, ours, paper] rows of a model's summary (memory rows only where measured)."""
     ref = paper_reference(s.model)
-    cuda = [("CUDA peak, training step", mib(s.cuda_peak_bytes), "")] if s.cuda_peak_bytes else []
-    return [
-        ("Parameters", f"{s.params:,}", ref.params if ref else ""),
-        ("Multiply-adds per image", f"{s.macs:,} ({giga(s.macs)})",
-         (ref.macs or "not given") if ref else ""),
-        ("FLOPs per image (2 x MACs)", f"{s.flops:,} ({giga(s.flops)})", ""),
-        ("Saved for backward per image", f"{mib(s.saved_bytes)} (impl {s.impl})", ""),
-        ("Peak saved, forward + backward", mib(s.peak_saved_bytes), ""),
-        *cuda,
+    rows = [
+        ["Parameters", f"{s.params:,}", ref.params if ref else ""],
+        ["Multiply-adds per image", f"{s.macs:,} ({giga(s.macs)})",
+         (ref.macs or "not given") if ref else ""],
+        ["FLOPs per image (2 x MACs)", f"{s.flops:,} ({giga(s.flops)})", ""],
     ]
+    if s.saved_bytes is not None:
+        rows.append(["Saved for backward per image", f"{mib(s.saved_bytes)} (impl {s.impl})", ""])
+    if s.peak_saved_bytes is not None:
+        rows.append(["Peak saved, forward + backward", mib(s.peak_saved_bytes), ""])
+    if s.cuda_peak_bytes is not None:
+        rows.append(["CUDA peak, training step", mib(s.cuda_peak_bytes), ""])
+    return rows
 
 
 def _md_table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
@@ -379,7 +382,7 @@ def stage_cells(r: StageRow) -> list[str]:
 def markdown_summary(s: Summary) -> str:
     """A model's summary and stage table as Markdown."""
     title = f"**{s.model}** on {s.data} (input {shape(s.input_shape)})"
-    summary = _md_table(["", "ours", "paper"], [list(r) for r in summary_lines(s)])
+    summary = _md_table(["", "ours", "paper"], summary_lines(s))
     stages = _md_table(STAGE_HEADER, [stage_cells(r) for r in s.stages])
     return f"{title}\n\n{summary}\n\n{stages}\n"
 
@@ -419,7 +422,7 @@ def print_summary(s: Summary, fmt: str = "rich") -> None:
         return
     console = Console()
     title = f"{s.model} on {s.data} (input {shape(s.input_shape)})"
-    table = _rich_table(title, ["", "ours", "paper"], [list(r) for r in summary_lines(s)])
+    table = _rich_table(title, ["", "ours", "paper"], summary_lines(s))
     console.print(table)
     console.print(_rich_table("Per stage", STAGE_HEADER, [stage_cells(r) for r in s.stages]))
     console.print(METHOD, style="dim")

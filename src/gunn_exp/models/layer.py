@@ -70,7 +70,7 @@ def reference_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tenso
     """The sequential rule of SPEC §1 written out literally; autograd keeps every z_i."""
     xs = list(x.split(units[0].width, dim=1))
     if update == "simultaneous":  # the SUNN ablation: every G_i reads the original x
-        return torch.cat([xi + unit(x) for xi, unit in zip(xs, units)], dim=1)
+        return torch.cat([xi + unit(x) for xi, unit in zip(xs, units, strict=True)], dim=1)
     ys: list[Tensor] = []
     for i, unit in enumerate(units):
         z = torch.cat(ys + xs[i:], dim=1)

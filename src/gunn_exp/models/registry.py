@@ -53,13 +53,15 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if name not in _MODELS:
         raise ValueError(f"create_model: unknown model {name!r}; choose one of {list_models()}.")
     builder = _MODELS[name]
-    model_cls = typing.get_type_hints(builder)["return"]
-    accepted = set(inspect.signature(model_cls).parameters)
-    unknown = sorted(set(overrides) - accepted)
-    if unknown:
-        raise TypeError(
-            f"create_model({name!r}): unknown option(s) {unknown}; accepted: {sorted(accepted)}."
-        )
+    model_cls = typing.get_type_hints(builder).get("return")
+    if isinstance(model_cls, type):  # unannotated builders get Python's own TypeError instead
+        accepted = set(inspect.signature(model_cls).parameters)
+        unknown = sorted(set(overrides) - accepted)
+        if unknown:
+            raise TypeError(
+                f"create_model({name!r}): unknown option(s) {unknown}; "
+                f"accepted: {sorted(accepted)}."
+            )
     return builder(**overrides)
 
 
