@@ -21,11 +21,13 @@ class SyntheticDataModule(ImageDataModule):
     ) -> None:
         super().__init__(name=name, **kwargs)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.mean, self.std = (0.5,) * self.in_chans, (0.5,) * self.in_chans
+        self.transform = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def setup(self, stage: str | None = None) -> None:
         shape = (self.in_chans, self.image_size, self.image_size)
         sets = [
-            FakeData(n, shape, self.num_classes, transform=T.ToTensor(), random_offset=offset)
+            FakeData(n, shape, self.num_classes, transform=self.transform, random_offset=offset)
             for offset, n in zip((0, 10**6, 2 * 10**6), self.sizes.values(), strict=True)
         ]
         self.train_set, self.val_set, self.test_set = sets
