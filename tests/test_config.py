@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 
 from gunn_exp.config import ConfigError, epoch_milestones, register_resolvers, validate_config
 
@@ -16,8 +17,15 @@ EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
 
 
 def compose_train(*overrides: str):
+    """The config train.py would get, with Hydra's runtime node set as in a real run."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = "/tmp/gunn-exp-compose"
+    cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 @pytest.mark.parametrize("data", DATA)
@@ -26,8 +34,7 @@ def test_every_model_and_data_compose(model: str, data: str) -> None:
     cfg = compose_train(f"model={model}", f"data={data}")
     validate_config(cfg)
     assert cfg.model.num_classes == cfg.data.num_classes
-    cfg.pop("hydra")
-    OmegaConf.resolve(cfg)  # every interpolation resolves
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -41,15 +41,17 @@ class EpochSummary(pl.Callback):
         self._epoch_start = 0.0
         self._epoch_lr = float("nan")
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Not on_fit_start: Lightning restores the resumed epoch (current_epoch) after it.
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.csv_path.exists():
             with self.csv_path.open() as f:
                 self.rows = [
                     {k: float(v) for k, v in row.items() if v not in ("", None)}
                     for row in csv.DictReader(f)
                 ]
-            self.rows = [r for r in self.rows if r["epoch"] <= trainer.current_epoch]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Here, not in on_fit_start: Lightning restores the resumed epoch after that hook.
+        self.rows = [r for r in self.rows if r["epoch"] <= trainer.current_epoch]
         # A resume from a mid-epoch checkpoint skips that epoch's on_train_epoch_start.
         self.on_train_epoch_start(trainer, pl_module)
 
@@ -66,6 +68,7 @@ class EpochSummary(pl.Callback):
             "epoch_time_s": time.perf_counter() - self._epoch_start,
         }
         row.update({k: float(metrics[k]) for k in COLUMNS if k in metrics})
+        pl_module.log("lr", self._epoch_lr, on_step=False, on_epoch=True, rank_zero_only=True)
         self.rows.append(row)
         if not trainer.is_global_zero:
             return

@@ -79,6 +79,7 @@ def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
         *hydra_cfg.overrides.task,
         f"hydra.run.dir={_quoted(output_dir)}",
         "hydra.output_subdir=null",
+        "hydra.mode=RUN",  # a sweep config (hparams_search=...) must not start a sweep again
     ]
     log.info(f"{job} starts DDP ranks: running it as a single run: {shlex.join(command)}")
     child = subprocess.Popen(command, cwd=get_original_cwd(), start_new_session=True)

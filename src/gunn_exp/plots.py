@@ -14,11 +14,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 Rows = Sequence[Mapping[str, float]]
 
 
-def plot_curves(runs: Mapping[str, Rows], path: str | Path, title: str = "") -> Path:
+def plot_curves(
+    runs: Mapping[str, Rows], path: str | Path, title: str = "", loss_scale: str = "linear"
+) -> Path:
     """Loss and top-1 error per epoch, train (dashed) and val (solid), one colour per run.
 
     `runs` maps a label to per-epoch rows with keys `epoch`, `train/loss`, `val/loss`,
     `train/err1`, `val/err1` (missing keys are skipped). The file is replaced atomically.
+    `loss_scale="log"` shows losses that fall by orders of magnitude (comparisons of runs).
     """
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * (1 + len(runs) // 10)
@@ -33,7 +36,7 @@ def plot_curves(runs: Mapping[str, Rows], path: str | Path, title: str = "") -> 
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, style, color=color, label=f"{label} {split}".strip())
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss", yscale=loss_scale)
     ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="top-1 error")
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)

@@ -18,6 +18,9 @@ import torch
 from torch import Tensor, nn
 
 UPDATES = ("gradual", "simultaneous")
+# GunnLayer's implementation unless told otherwise: the best measured trade-off (see
+# docs/PERFORMANCE.md). Registered by gunn_exp.models.impls, which the package imports.
+DEFAULT_IMPL = "recompute"
 
 
 class GunnUnit(nn.Module):
@@ -87,7 +90,8 @@ class GunnLayer(nn.Module):
         projection: add the 1x1 Conv-BN projection of z_i to each G_i (CIFAR models) or not
             (ImageNet models).
         update: "gradual" (GUNN) or "simultaneous" (the SUNN ablation: every G_i reads x).
-        impl: which implementation computes the update loop (a key of `IMPLEMENTATIONS`).
+        impl: which implementation computes the update loop (a key of `IMPLEMENTATIONS`);
+            `DEFAULT_IMPL` by default.
     """
 
     def __init__(
@@ -96,7 +100,7 @@ class GunnLayer(nn.Module):
         segments: int,
         projection: bool = True,
         update: str = "gradual",
-        impl: str = "reference",
+        impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
         if segments < 1 or channels < 1 or channels % segments:
