@@ -50,8 +50,9 @@ def test_ddp_run_has_one_run_directory_and_equal_ranks(run_train, tmp_path: Path
 
 def test_ddp_inside_multirun_runs_each_job_once(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    run_entry("train.py", "-m", *DDP, "trainer.max_epochs=1", "seed=1,2",
-              f"hydra.sweep.dir={sweep}")
+    run_entry(
+        "train.py", "-m", *DDP, "trainer.max_epochs=1", "seed=1,2", f"hydra.sweep.dir={sweep}"
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["sweep"]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0_gunn_mini_digits", "1_gunn_mini_digits"]
@@ -64,8 +65,15 @@ def test_ddp_inside_multirun_runs_each_job_once(tmp_path: Path) -> None:
 @pytest.fixture
 def torchrun_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     """The environment torchrun gives rank 0 of 2 (ranks started outside Lightning)."""
-    env = {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "2",
-           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "GROUP_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
 
@@ -90,9 +98,21 @@ def test_ranks_started_outside_lightning_need_one_run_dir(torchrun_rank, run_dir
 def test_torchrun_ranks_share_the_given_run_dir(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         str(ROOT / "train.py"), *DDP, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=RUN_ENV, check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(ROOT / "train.py"),
+            *DDP,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=RUN_ENV,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     assert_one_ddp_run(run_dir)

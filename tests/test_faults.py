@@ -51,8 +51,12 @@ for i in range(10**6):
 
 def test_sigkill_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)], env=RUN_ENV,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVE_FOREVER, str(path)],
+        env=RUN_ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     saved = [int(proc.stdout.readline()) for _ in range(3)]
     time.sleep(0.01)  # 16 MB per save: the kill lands in the middle of one
@@ -66,8 +70,12 @@ def test_sigkill_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path) 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(run_train) -> None:
     # lr x1e30 after the first epoch: the second epoch diverges.
     proc, run_dir = run_train(
-        *TINY, "trainer.max_epochs=3", "scheduler=multistep", "scheduler.milestones=[1]",
-        "scheduler.gamma=1e30", check=False,
+        *TINY,
+        "trainer.max_epochs=3",
+        "scheduler=multistep",
+        "scheduler.milestones=[1]",
+        "scheduler.gamma=1e30",
+        check=False,
     )
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("stopped:")]
@@ -103,15 +111,24 @@ def training_checkpoint(run_dir: Path, model: nn.Module, model_name: str) -> Pat
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(f"model:\n  name: {model_name}\n")
     path = run_dir / "checkpoints" / "last.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "epoch": 3, "global_step": 40, "loops": {}, "optimizer_states": [],
-                "callbacks": {}}, path)
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "epoch": 3,
+            "global_step": 40,
+            "loops": {},
+            "optimizer_states": [],
+            "callbacks": {},
+        },
+        path,
+    )
     return path
 
 
 def test_checkpoint_of_another_model_is_refused_naming_both(tmp_path: Path) -> None:
-    path = training_checkpoint(tmp_path / "run", create_model("gunn_mini", num_classes=10),
-                               "gunn_mini")
+    path = training_checkpoint(
+        tmp_path / "run", create_model("gunn_mini", num_classes=10), "gunn_mini"
+    )
     check_resumable(path, create_model("gunn_mini", num_classes=10), "gunn_mini")
     with pytest.raises(CheckpointError, match="does not match model gunn_mini: .*shape") as err:
         check_resumable(path, create_model("gunn_mini", num_classes=7), "gunn_mini")
@@ -148,8 +165,13 @@ class Tiny(pl.LightningModule):
 def fit(module: pl.LightningModule, root: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     data = DataLoader(TensorDataset(torch.randn(40, 4), torch.randn(40, 1)), batch_size=4)
     trainer = pl.Trainer(
-        max_epochs=2, accelerator="cpu", default_root_dir=root, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=2,
+        accelerator="cpu",
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=callbacks,
     )
     trainer.fit(module, data)
@@ -195,4 +217,3 @@ def test_nan_loss_stops_before_the_step_updates_the_weights(tmp_path: Path) -> N
     with pytest.raises(NonFiniteLoss, match="nan.*step 5"):
         fit(module, tmp_path, [Snapshot(), FiniteLossGuard(str(tmp_path))])
     assert len(weights) == 5 and torch.equal(module.layer.weight, weights[-1])
-

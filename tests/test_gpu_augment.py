@@ -18,6 +18,15 @@ from gunn_exp.data.gpu_augment import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP hand-offs that dominate on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_transform(img: torch.Tensor, params: AugmentParams, j: int, padding: int):
     """Sample j's augmentation written out step by step (the oracle): flip, pad + crop, roll."""
     _, h, w = img.shape

@@ -22,13 +22,20 @@ def compose_train(*overrides: str):
 def test_optuna_search_minimises_the_best_validation_error(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run_entry(
-        "train.py", "hparams_search=gunn15_optuna", "experiment=digits", "debug=tiny",
-        "print_config=false", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}",
+        "train.py",
+        "hparams_search=gunn15_optuna",
+        "experiment=digits",
+        "debug=tiny",
+        "print_config=false",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
     )
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay"}
-    errors = [yaml.safe_load((job / "results.json").read_text())["best_val_err1"]
-              for job in sorted(sweep.glob("*_gunn_mini_digits"))]
+    errors = [
+        yaml.safe_load((job / "results.json").read_text())["best_val_err1"]
+        for job in sorted(sweep.glob("*_gunn_mini_digits"))
+    ]
     assert len(errors) == 2 and best["best_value"] == min(errors)
 
 
@@ -39,8 +46,9 @@ def test_grid_config_sweeps_learning_rates_and_seeds() -> None:
 
 
 def test_slurm_launcher_runs_one_task_per_gpu() -> None:
-    cfg = compose_train("hydra/launcher=slurm", "trainer=ddp_slurm", "trainer.num_nodes=2",
-                        "trainer.devices=8")
+    cfg = compose_train(
+        "hydra/launcher=slurm", "trainer=ddp_slurm", "trainer.num_nodes=2", "trainer.devices=8"
+    )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)

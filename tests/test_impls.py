@@ -23,6 +23,15 @@ FAST = sorted(set(IMPLEMENTATIONS) - {"reference"})
 WHOLE_LAYER = sorted(KEEP)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP hand-offs that dominate on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _pair(impl: str, update: str, projection: bool, dtype: torch.dtype = torch.float64):
     """A reference layer with non-trivial BN parameters and an identical copy using `impl`."""
     torch.manual_seed(0)
@@ -148,7 +157,7 @@ def test_benchmark_script_writes_csv(tmp_path):
         "steps=2", "warmup=0", "repeats=1", "impls=[reference,recompute]",
         f"output.dir={tmp_path}", "output.name=tiny", f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    env = {**os.environ, "PROJECT_ROOT": str(ROOT)}
+    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     with (tmp_path / "tiny.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -24,8 +24,13 @@ register_resolvers()
 
 # 4 epochs of 6 batches; the cosine schedule's length is fixed so a 2-epoch run is the first half
 # of the 4-epoch one.
-RUN = ("experiment=digits", "debug=tiny", "trainer.limit_train_batches=6", "scheduler.T_max=4",
-       "print_config=false")
+RUN = (
+    "experiment=digits",
+    "debug=tiny",
+    "trainer.limit_train_batches=6",
+    "scheduler.T_max=4",
+    "print_config=false",
+)
 SAME_IN_EVERY_EPOCH = ("epoch", "lr", "val/loss", "val/err1", "val/err5")
 RESULTS = ("epochs", "test_err1", "test_err5", "test_loss", "best_val_err1", "final_val_err1")
 
@@ -66,11 +71,17 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
     uninterrupted: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}",
-               "trainer.max_epochs=4"]
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *RUN,
+        f"hydra.run.dir={run_dir}",
+        "trainer.max_epochs=4",
+    ]
     with (tmp_path / "stderr.txt").open("w+") as err:
-        proc = subprocess.Popen(command, cwd=ROOT, env=RUN_ENV, text=True,
-                                stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=RUN_ENV, text=True, stdout=subprocess.PIPE, stderr=err
+        )
         assert proc.stdout is not None
         for line in proc.stdout:  # the first epoch's summary row: the run is now in epoch 2
             if line.split(" - ")[-1].startswith("epoch 1/4 |"):
@@ -144,9 +155,19 @@ def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     for overrides in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "ckpt_path=last"]):
         subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *RUN, "logger=wandb",
-             f"hydra.run.dir={run_dir}", *overrides],
-            cwd=ROOT, env=env, check=True, capture_output=True, timeout=300,
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                *RUN,
+                "logger=wandb",
+                f"hydra.run.dir={run_dir}",
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=300,
         )
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
     offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))

@@ -67,7 +67,8 @@ class EpochSummary(pl.Callback):
             "lr": self._epoch_lr,
             "epoch_time_s": time.perf_counter() - self._epoch_start,
         }
-        row.update({k: float(metrics[k]) for k in COLUMNS if k in metrics})
+        # Not `lr`: callback_metrics still holds the value logged below for the previous epoch.
+        row.update({k: float(metrics[k]) for k in COLUMNS if k in metrics and k not in row})
         pl_module.log("lr", self._epoch_lr, on_step=False, on_epoch=True, rank_zero_only=True)
         self.rows.append(row)
         if not trainer.is_global_zero:

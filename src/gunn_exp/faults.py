@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-LAST = "last.ckpt"  # ModelCheckpoint(save_last=True)'s name; `ckpt_path=last` resumes from it
+LAST = "last.ckpt"  # written every epoch (conf/callbacks/default.yaml); `ckpt_path=last` resumes it
 
 
 class RunStopped(RuntimeError):
@@ -94,7 +94,11 @@ class GracefulStop(pl.Callback):
         )
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
@@ -103,7 +107,7 @@ class GracefulStop(pl.Callback):
             return
         path = self.dirpath / LAST
         trainer.save_checkpoint(path)
-        name = self.received.name if self.received else "a signal on another rank"
+        name = self.received.name if self.received else "another rank's signal"
         message = (
             f"{name} in epoch {trainer.current_epoch + 1} after batch {batch_idx + 1}/"
             f"{trainer.num_training_batches}: checkpoint saved to {path}. Resume with the same "
@@ -136,7 +140,8 @@ class FiniteLossGuard(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(not finite, all=False):
             return
         kept = (
-            f"the last good checkpoint is {self.last}" if self.last.is_file()
+            f"the last good checkpoint is {self.last}"
+            if self.last.is_file()
             else "no checkpoint was written yet"
         )
         raise NonFiniteLoss(

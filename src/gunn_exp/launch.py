@@ -36,6 +36,7 @@ RANK_RESULTS = ("epochs", "test_err1", "test_err5", "test_loss", "best_val_err1"
 
 
 def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (`-m` or a sweep config)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -96,7 +97,8 @@ def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
         signum = -code if code < 0 else code - 128
         raise Interrupted(
             f"{job} stopped by signal {signum}; resume it with `ckpt_path=last "
-            f"hydra.run.dir={output_dir}` and the job's overrides ({output_dir}/.hydra).", signum
+            f"hydra.run.dir={output_dir}` and the job's overrides ({output_dir}/.hydra).",
+            signum,
         )
     if code != 0:
         raise RunStopped(f"{job} failed with exit code {code} (its messages are above).", code)

@@ -136,7 +136,11 @@ class EpochSeeding(pl.Callback):
         self._epoch, self._batches = epoch, 0
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
         batch_idx: int,
     ) -> None:
         self._batches = batch_idx + 1
