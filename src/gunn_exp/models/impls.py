@@ -121,7 +121,9 @@ def _conv1x1(t: Tensor, weight: Tensor) -> Tensor:
     w2 = weight.view(weight.shape[0], c)
     if _is_channels_last(t):
         return F.linear(t.permute(0, 2, 3, 1), w2).permute(0, 3, 1, 2)
-    return torch.matmul(w2, t.reshape(n, c, h * w)).view(n, -1, h, w)
+    # bmm over the batch, not matmul: with a weight that requires grad, matmul folds the batch
+    # into one GEMM on a transposed copy of t.
+    return torch.bmm(w2.expand(n, -1, -1), t.reshape(n, c, h * w)).view(n, -1, h, w)
 
 
 def _conv1x1_backward(grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | None = None
@@ -144,14 +146,12 @@ def _conv1x1_backward(grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | No
         return (g2.t() @ t2).view_as(weight), grad_t
     t3 = t.reshape(n, c, h * w)
     g3 = grad.reshape(n, -1, h * w)
+    w2t = w2.t().expand(n, -1, -1)
     if into is None:
-        grad_t = torch.matmul(w2.t(), g3).view(n, c, h, w)
+        grad_t = torch.bmm(w2t, g3).view(n, c, h, w)
     else:
         grad_t, acc = into, into.view(n, c, h * w)
-        if acc.dtype == g3.dtype:
-            acc.baddbmm_(w2.t().expand(n, -1, -1), g3)
-        else:
-            acc.add_(torch.matmul(w2.t(), g3))
+        acc.baddbmm_(w2t, g3) if acc.dtype == g3.dtype else acc.add_(torch.bmm(w2t, g3))
     return torch.bmm(g3, t3.transpose(1, 2)).sum(0).view_as(weight), grad_t
 
 
