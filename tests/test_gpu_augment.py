@@ -115,6 +115,8 @@ def test_device_loader_epochs_normalisation_and_sharding():
     assert x.is_contiguous(memory_format=torch.channels_last)
     loader.set_epoch(0)
     assert all(torch.equal(a, b) for (_, a), b in zip(loader, epoch0, strict=True))
+    loader.sampler.set_epoch(1)  # what Lightning calls before each epoch
+    assert all(torch.equal(a, b) for (_, a), b in zip(loader, epoch1, strict=True))
 
     shards = [DeviceLoader(images, labels, 10, mean, std, device="cpu", rank=r, world_size=2)
               for r in range(2)]

@@ -16,10 +16,12 @@ API::
 `train=True`: reshuffle every epoch and augment (SPEC §3 flip, pad-crop, optional Jigsaw);
 `train=False`: fixed order, normalise only. The epoch-e permutation and draws come from a device
 `torch.Generator` seeded with `seed + e`, so runs repeat exactly on the same device. With
-`world_size > 1` each `rank` takes every world_size-th sample of the shared permutation (DDP).
-Each `iter()` starts the next epoch; `set_epoch(e)` picks one explicitly (e.g. on resume).
-Lightning accepts the object as a train dataloader (an iterable with `__len__`; batches are
-already on the device, so its device transfer is a no-op).
+`world_size > 1` each `rank` takes every world_size-th sample of the shared permutation (DDP; the
+last N mod world_size samples of each permutation are skipped). Each `iter()` starts the next
+epoch; `set_epoch(e)` picks one explicitly. Lightning accepts the object as a train dataloader (an
+iterable with `__len__`; batches are already on the device, so its device transfer is a no-op)
+and calls `loader.sampler.set_epoch(current_epoch)` before every epoch, as it does for
+DistributedSampler, so a resumed run continues with the right epoch's order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ import torch
 from torch import Tensor
 
 from gunn_exp.data.gpu_augment import augment
+
+
+class EpochSampler:
+    """Which epoch the loader is in; Lightning sets it through `set_epoch` like a sampler's."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 class DeviceLoader:
@@ -82,11 +94,11 @@ class DeviceLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.epoch = 0
+        self.sampler = EpochSampler()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next `iter()` produce epoch `epoch`'s order and augmentation."""
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def _samples(self) -> int:
         """Samples this rank sees per epoch."""
@@ -98,8 +110,8 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed + self.epoch)
-        self.epoch += 1
+        generator.manual_seed(self.seed + self.sampler.epoch)
+        self.sampler.epoch += 1
         n = len(self.images)
         if self.train:
             order = torch.randperm(n, generator=generator, device=self.device)

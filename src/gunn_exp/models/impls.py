@@ -179,7 +179,7 @@ def _bn_relu(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tens
     """relu(BatchNorm(t)) with given statistics, in t's dtype (BatchNorm's output dtype)."""
     scale = invstd * weight
     shift = bias - mean * scale
-    return torch.relu(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
+    return torch.relu_(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
 
 
 def _bn_backward(grad: Tensor, t: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
@@ -290,9 +290,9 @@ class _GunnLayerFunction(torch.autograd.Function):
             seg = slice(i * o, (i + 1) * o)
             if spec.gradual:
                 state[:, seg].copy_(x[:, seg])  # z_i = cat(y_<i, x_>=i)
-            # dL/dy_i. Gradual: segment i of dL/dz_{i+1} (later units read y_i), taken before
-            # J_i^T is added below. Simultaneous: only the output reads y_i.
-            grad_out = (grad_state if spec.gradual else grad_y)[:, seg].to(dt, copy=True)
+            # dL/dy_i. Gradual: segment i of dL/dz_{i+1} (later units read y_i); a view, read
+            # before J_i^T is added to grad_state below. Simultaneous: only the output reads y_i.
+            grad_out = (grad_state if spec.gradual else grad_y)[:, seg].to(dt)
             z = state.to(dt)
             # Recompute what was not kept; BatchNorm uses the saved statistics.
             a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
@@ -313,9 +313,12 @@ class _GunnLayerFunction(torch.autograd.Function):
                 g_m, h1, w_mid, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, True, False],
             )
-            g_a_bn = aten.threshold_backward(g_h1, h1, 0)
+            # dL/d bn_in's output: relu backward on the first 2o channels, dL/dy_i on the
+            # projection's o channels, written into one tensor (no concatenation).
+            g_a_bn = torch.empty_like(a)
+            aten.threshold_backward.grad_input(g_h1, h1, 0, grad_input=g_a_bn[:, :hid])
             if spec.projection:
-                g_a_bn = torch.cat([g_a_bn, grad_out], dim=1)
+                g_a_bn[:, hid:].copy_(grad_out)
             g_a, grads[base + 3], grads[base + 4] = _bn_backward(
                 g_a_bn, a, g_in, mean_in, inv_in, eps[0], train
             )
