@@ -91,6 +91,18 @@ def write_cifar(root: Path, name: str = "cifar10", n_train: int = 40, n_test: in
     return root
 
 
+def cifar10_overrides(root: Path) -> tuple[str, ...]:
+    """train.py overrides that read the generated CIFAR-10 under `root` quickly and offline."""
+    return (
+        "data=cifar10",
+        f"paths.data_dir={root}",
+        "data.download=false",
+        "data.verify_checksums=false",  # generated files: real format, not the real md5
+        "data.num_workers=0",
+        "data.batch_size=8",
+    )
+
+
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_entry
+from conftest import ROOT, cifar10_overrides, run_entry
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
@@ -199,13 +199,8 @@ def test_finetune_digits_to_cifar10(run_dir: Path, cifar_root: Path, tmp_path: P
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     proc = run_entry(
         "train.py",
-        "data=cifar10",
         "model=gunn_mini",
-        f"paths.data_dir={cifar_root}",
-        "data.download=false",
-        "data.verify_checksums=false",
-        "data.num_workers=0",
-        "data.batch_size=8",
+        *cifar10_overrides(cifar_root),
         f"init_from={ckpt}",
         "debug=tiny",
         f"hydra.run.dir={tmp_path}",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_entry
+from conftest import cifar10_overrides, run_entry
 
 TINY = ("debug=tiny", "trainer.max_epochs=2")
 RESULT_KEYS = {"test_err1", "test_err5", "best_val_err1", "params", "epochs", "wall_time_s"}
@@ -54,13 +54,8 @@ def test_seeded_cpu_runs_are_reproducible(run_train, tmp_path: Path) -> None:
 
 def test_cifar_format_folder_trains(run_train, cifar_root: Path) -> None:
     _, run_dir = run_train(
-        "data=cifar10",
         "model=gunn_mini",
-        f"paths.data_dir={cifar_root}",
-        "data.download=false",
-        "data.verify_checksums=false",
-        "data.num_workers=0",
-        "data.batch_size=8",
+        *cifar10_overrides(cifar_root),
         *TINY,
     )
     results = json.loads((run_dir / "results.json").read_text())
