@@ -177,7 +177,8 @@ class _Bench:
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         if cfg.compile:
-            self.compiled = torch.compile(self.model, backend=cfg.compile_backend)
+            self.compiled = torch.compile(self.model, backend=cfg.compile_backend,
+                                          mode=cfg.compile_mode)
         else:
             self.compiled = self.model
 

@@ -216,10 +216,10 @@ class _Spec:
         self.gradual = gradual
         self.keep = keep
         self.training = unit.training
-        self.momenta = [_momentum(bn) for bn in bns]
-        self.eps = [bn.eps for bn in bns]
         if not all(bn.affine and bn.track_running_stats for bn in bns):
             raise ValueError("GUNN whole-layer implementations need affine, tracked BatchNorm.")
+        self.momenta = [_momentum(bn) for bn in bns]
+        self.eps = [bn.eps for bn in bns]
 
 
 def _unit_tensors(units: Sequence[GunnUnit]) -> list[Tensor]:
@@ -301,15 +301,12 @@ class _GunnLayerFunction(torch.autograd.Function):
             h2 = _bn_relu(m, mean_mid, inv_mid, g_mid, b_mid)
             c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
             # Backpropagate dL/dy_i through G_i, in reverse order of its forward.
-            base = i * _TENSORS_PER_UNIT
-            g_c, grads[base + 7], grads[base + 8] = _bn_backward(
-                grad_out, c, g_out, mean_out, inv_out, eps[2], train
-            )
-            grads[base + 2], g_h2 = _conv1x1_backward(g_c, h2, w_out)
-            g_m, grads[base + 5], grads[base + 6] = _bn_backward(
-                aten.threshold_backward(g_h2, h2, 0), m, g_mid, mean_mid, inv_mid, eps[1], train
-            )
-            g_h1, grads[base + 1], _ = aten.convolution_backward(
+            g_c, d_g_out, d_b_out = _bn_backward(grad_out, c, g_out, mean_out, inv_out, eps[2],
+                                                 train)
+            d_w_out, g_h2 = _conv1x1_backward(g_c, h2, w_out)
+            g_m, d_g_mid, d_b_mid = _bn_backward(aten.threshold_backward(g_h2, h2, 0), m, g_mid,
+                                                 mean_mid, inv_mid, eps[1], train)
+            g_h1, d_w_mid, _ = aten.convolution_backward(
                 g_m, h1, w_mid, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                 [True, True, False],
             )
@@ -319,10 +316,12 @@ class _GunnLayerFunction(torch.autograd.Function):
             aten.threshold_backward.grad_input(g_h1, h1, 0, grad_input=g_a_bn[:, :hid])
             if spec.projection:
                 g_a_bn[:, hid:].copy_(grad_out)
-            g_a, grads[base + 3], grads[base + 4] = _bn_backward(
-                g_a_bn, a, g_in, mean_in, inv_in, eps[0], train
-            )
-            grads[base], _ = _conv1x1_backward(g_a, z, w_in, into=grad_state)
+            g_a, d_g_in, d_b_in = _bn_backward(g_a_bn, a, g_in, mean_in, inv_in, eps[0], train)
+            d_w_in, _ = _conv1x1_backward(g_a, z, w_in, into=grad_state)  # dL/dz_i
+            base = i * _TENSORS_PER_UNIT  # gradients in `_unit_tensors` order; none for buffers
+            grads[base : base + _PARAMS_PER_UNIT] = [
+                d_w_in, d_w_mid, d_w_out, d_g_in, d_b_in, d_g_mid, d_b_mid, d_g_out, d_b_out
+            ]
         return (None, grad_state, *grads)
 
 
