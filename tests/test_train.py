@@ -62,6 +62,15 @@ def test_cifar_format_folder_trains(run_train, cifar_root: Path) -> None:
     assert results["data"] == "cifar10" and results["epochs"] == 2
 
 
+def test_cifar_on_device_loader_trains(run_train, cifar_root: Path) -> None:
+    # The GPU fast path (data kept and augmented on the device) runs the same way on the CPU.
+    _, run_dir = run_train(
+        "model=gunn_mini", *cifar10_overrides(cifar_root), "data.on_device=true", *TINY
+    )
+    rows = read_metrics(run_dir)
+    assert len(rows) == 2 and all(float(r["train/loss"]) > 0 for r in rows)
+
+
 @pytest.mark.parametrize("data", ["cifar10", "cifar100", "imagenet"])
 def test_missing_data_fails_early_with_the_fix(run_train, tmp_path: Path, data: str) -> None:
     proc, run_dir = run_train(

@@ -6,9 +6,11 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from gunn_exp.data.base import ImageDataModule
+from gunn_exp.data.device_loader import DeviceLoader
 from gunn_exp.data.transforms import cifar_eval_transform, cifar_stats, cifar_train_transform
 
 
@@ -48,6 +50,8 @@ _DATASETS = {
 class CIFARDataModule(ImageDataModule):
     """CIFAR-10 or CIFAR-100 (`name`), downloaded into `data_dir` when missing and `download`.
 
+    `on_device=True` keeps the training images on the run's device and augments each batch there
+    (`DeviceLoader`): no DataLoader workers, no host-to-device copies; the fast path on a GPU.
     The paper validated on the test set; `val_size > 0` holds out that many training images
     (a fixed, seeded split) for honest model selection instead.
     """
@@ -60,6 +64,7 @@ class CIFARDataModule(ImageDataModule):
         jigsaw: bool = True,
         val_size: int = 0,
         verify_checksums: bool = True,
+        on_device: bool = False,
         num_classes: int = 10,
         **kwargs,
     ) -> None:
@@ -73,6 +78,7 @@ class CIFARDataModule(ImageDataModule):
         self.jigsaw = jigsaw
         self.val_size = val_size
         self.verify_checksums = verify_checksums
+        self.on_device = on_device
         self.mean, self.std = cifar_stats(name)
 
     @property
@@ -105,8 +111,30 @@ class CIFARDataModule(ImageDataModule):
             # Same images, two transforms: hold out a fixed subset of train for validation.
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
             held = cls(self.data_dir, train=True, transform=cifar_eval_transform(self.name))
-            self.train_set = torch.utils.data.Subset(train, order[self.val_size :])
-            self.val_set = torch.utils.data.Subset(held, order[: self.val_size])
+            self.train_set = Subset(train, order[self.val_size :])
+            self.val_set = Subset(held, order[: self.val_size])
         else:
             self.train_set, self.val_set = train, test
         self.test_set = test
+
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
+        if not self.on_device:
+            return super().train_dataloader()
+        subset = self.train_set if isinstance(self.train_set, Subset) else None
+        base = subset.dataset if subset is not None else self.train_set
+        index = subset.indices if subset is not None else slice(None)
+        images = torch.from_numpy(base.data[index]).permute(0, 3, 1, 2)  # NHWC uint8 -> NCHW
+        labels = torch.tensor(base.targets)[index]
+        trainer = self.trainer
+        return DeviceLoader(
+            images,
+            labels,
+            batch_size=self.per_device_batch_size,
+            mean=self.mean,
+            std=self.std,
+            device=trainer.strategy.root_device,
+            jigsaw=self.jigsaw,
+            seed=torch.initial_seed() % 2**31,  # the run's seed after seed_everything
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )

@@ -14,8 +14,9 @@ API::
 `images`: (N, C, H, W) uint8 in [0, 255] (or float already scaled to [0, 1]); `labels`: (N,).
 `mean`, `std`: per-channel, on the [0, 1] scale (e.g. `transforms.cifar_stats("cifar10")`).
 `train=True`: reshuffle every epoch and augment (SPEC §3 flip, pad-crop, optional Jigsaw);
-`train=False`: fixed order, normalise only. The epoch-e permutation and draws come from a device
-`torch.Generator` seeded with `seed + e`, so runs repeat exactly on the same device. With
+`train=False`: fixed order, normalise only. The epoch-e permutation comes from a device
+`torch.Generator` seeded with `seed + e` (shared by all ranks), the augmentation draws from one
+seeded with (seed, e, rank), so runs repeat exactly on the same device. With
 `world_size > 1` each `rank` takes every world_size-th sample of the shared permutation (DDP; the
 last N mod world_size samples of each permutation are skipped). Each `iter()` starts the next
 epoch; `set_epoch(e)` picks one explicitly. Lightning accepts the object as a train dataloader (an
@@ -76,7 +77,7 @@ class DeviceLoader:
                 f"batch_size={batch_size}, rank={rank}, world_size={world_size}."
             )
         self.device = torch.device(device)
-        self.images = images.to(self.device)
+        self.images = images.to(self.device).contiguous()  # NCHW rows: one gather per batch
         self.labels = labels.to(self.device, torch.long)
         # uint8 in [0, 255] is divided by 255 together with the normalisation, in one pass.
         scale = 255.0 if images.dtype == torch.uint8 else 1.0
@@ -109,12 +110,16 @@ class DeviceLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed + self.sampler.epoch)
+        epoch = self.sampler.epoch
         self.sampler.epoch += 1
+        order_gen = torch.Generator(device=self.device).manual_seed(self.seed + epoch)
+        # Ranks share the order but must not share crops and flips (int tuples hash the same
+        # in every process).
+        aug_gen = torch.Generator(device=self.device)
+        aug_gen.manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
         n = len(self.images)
         if self.train:
-            order = torch.randperm(n, generator=generator, device=self.device)
+            order = torch.randperm(n, generator=order_gen, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
         order = order[self.rank : self._samples() * self.world_size : self.world_size]
@@ -122,5 +127,5 @@ class DeviceLoader:
             index = order[start : start + self.batch_size]
             x = (self.images[index].float() - self._sub) * self._mul
             if self.train:
-                x = augment(x, self.padding, self.flip, self.jigsaw, generator)
+                x = augment(x, self.padding, self.flip, self.jigsaw, aug_gen)
             yield x.contiguous(memory_format=self.memory_format), self.labels[index]
