@@ -18,15 +18,6 @@ from gunn_exp.data.gpu_augment import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-offs that dominate on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_transform(img: torch.Tensor, params: AugmentParams, j: int, padding: int):
     """Sample j's augmentation written out step by step (the oracle): flip, pad + crop, roll."""
     _, h, w = img.shape
@@ -50,8 +41,9 @@ def test_each_sample_equals_the_per_sample_transform(shape):
     out = apply_params(images, params, padding=4)
     assert out.shape == images.shape
     for j in range(shape[0]):
-        torch.testing.assert_close(out[j], reference_transform(images[j], params, j, 4),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            out[j], reference_transform(images[j], params, j, 4), rtol=0, atol=0
+        )
 
 
 def test_draws_cover_the_spec_distribution():
@@ -73,8 +65,9 @@ def test_draws_cover_the_spec_distribution():
 
 def test_disabled_steps_and_padding_is_zero():
     images = torch.randn(200, 3, 8, 8) + 5  # no zeros inside the images
-    p = draw_params(200, 8, 8, padding=2, flip=False, jigsaw=False,
-                    generator=torch.Generator().manual_seed(2))
+    p = draw_params(
+        200, 8, 8, padding=2, flip=False, jigsaw=False, generator=torch.Generator().manual_seed(2)
+    )
     assert (p.flip == 0).all() and (p.axis == NO_SHIFT).all()
     out = apply_params(images, p, padding=2)
     # A crop shifted by (dy, dx) from the centre shows |dy| zero rows and |dx| zero columns.
@@ -94,8 +87,7 @@ def test_device_loader_epochs_normalisation_and_sharding():
     n, mean, std = 100, (0.5, 0.25, 0.0), (0.5, 0.25, 1.0)
     images = torch.randint(0, 256, (n, 3, 4, 4), dtype=torch.uint8)
     labels = torch.arange(n)
-    plain = DeviceLoader(images, labels, 32, mean, std, device="cpu", train=False,
-                         drop_last=False)
+    plain = DeviceLoader(images, labels, 32, mean, std, device="cpu", train=False, drop_last=False)
     assert len(plain) == 4
     x, y = next(iter(plain))
     expected = (images[:32].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
@@ -104,8 +96,7 @@ def test_device_loader_epochs_normalisation_and_sharding():
     torch.testing.assert_close(x, expected)
     assert torch.equal(y, labels[:32])
 
-    loader = DeviceLoader(images, labels, 32, mean, std, device="cpu", seed=7,
-                          channels_last=True)
+    loader = DeviceLoader(images, labels, 32, mean, std, device="cpu", seed=7, channels_last=True)
     assert len(loader) == 3  # drop_last
     epoch0 = [y for _, y in loader]
     epoch1 = [y for _, y in loader]
@@ -118,8 +109,10 @@ def test_device_loader_epochs_normalisation_and_sharding():
     loader.sampler.set_epoch(1)  # what Lightning calls before each epoch
     assert all(torch.equal(a, b) for (_, a), b in zip(loader, epoch1, strict=True))
 
-    shards = [DeviceLoader(images, labels, 10, mean, std, device="cpu", rank=r, world_size=2)
-              for r in range(2)]
+    shards = [
+        DeviceLoader(images, labels, 10, mean, std, device="cpu", rank=r, world_size=2)
+        for r in range(2)
+    ]
     seen = [torch.cat([y for _, y in s]) for s in shards]
     assert len(seen[0]) == len(seen[1]) == 50
     assert not set(seen[0].tolist()) & set(seen[1].tolist())  # disjoint shards

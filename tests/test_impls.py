@@ -23,15 +23,6 @@ FAST = sorted(set(IMPLEMENTATIONS) - {"reference"})
 WHOLE_LAYER = sorted(KEEP)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP hand-offs that dominate on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pair(impl: str, update: str, projection: bool, dtype: torch.dtype = torch.float64):
     """A reference layer with non-trivial BN parameters and an identical copy using `impl`."""
     torch.manual_seed(0)
@@ -153,19 +144,38 @@ def test_compile_fullgraph_default_impl():
 
 def test_benchmark_script_writes_csv(tmp_path):
     cmd = [
-        sys.executable, "benchmark.py", "model=gunn_mini", "data.image_size=8", "batch_size=2",
-        "steps=2", "warmup=0", "repeats=1", "impls=[reference,recompute]",
-        f"output.dir={tmp_path}", "output.name=tiny", f"hydra.run.dir={tmp_path / 'run'}",
+        sys.executable,
+        "benchmark.py",
+        "model=gunn_mini",
+        "data.image_size=8",
+        "batch_size=2",
+        "steps=2",
+        "warmup=0",
+        "repeats=1",
+        "impls=[reference,recompute]",
+        f"output.dir={tmp_path}",
+        "output.name=tiny",
+        f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = {**os.environ, "PROJECT_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     with (tmp_path / "tiny.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["impl"]) for r in rows] == [
-        ("gunn_mini", "reference"), ("gunn_mini", "recompute"), ("resnet18_cifar", "-"),
+        ("gunn_mini", "reference"),
+        ("gunn_mini", "recompute"),
+        ("resnet18_cifar", "-"),
     ]
-    for column in ("images_per_s", "step_ms", "peak_mb", "act_mb_per_image", "ops_per_step",
-                   "gmacs_per_image", "time_vs_plain", "act_vs_plain"):
+    for column in (
+        "images_per_s",
+        "step_ms",
+        "peak_mb",
+        "act_mb_per_image",
+        "ops_per_step",
+        "gmacs_per_image",
+        "time_vs_plain",
+        "act_vs_plain",
+    ):
         assert all(float(r[column]) > 0 for r in rows), column
     assert float(rows[1]["act_vs_plain"]) < 1
     assert (tmp_path / "tiny.md").read_text().count("| gunn_mini |") == 2

@@ -149,8 +149,11 @@ def machine_description(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     parts = [f"CPU {cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"]
     if device.type == "cuda":
@@ -165,20 +168,23 @@ def machine_description(device: torch.device) -> str:
 class _Bench:
     """One model under test: its optimiser, precision context and training step."""
 
-    def __init__(self, name: str, impl: str, model: nn.Module, cfg: DictConfig,
-                 device: torch.device) -> None:
+    def __init__(
+        self, name: str, impl: str, model: nn.Module, cfg: DictConfig, device: torch.device
+    ) -> None:
         self.name, self.impl = name, impl
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.model = model.to(device, memory_format=self.memory_format)
         fused = {"fused": True} if device.type == "cuda" else {}
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9,
-                                         nesterov=True, weight_decay=1e-4, **fused)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, **fused
+        )
         dtype = PRECISIONS[str(cfg.precision)]
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         if cfg.compile:
-            self.compiled = torch.compile(self.model, backend=cfg.compile_backend,
-                                          mode=cfg.compile_mode)
+            self.compiled = torch.compile(
+                self.model, backend=cfg.compile_backend, mode=cfg.compile_mode
+            )
         else:
             self.compiled = self.model
 
@@ -212,14 +218,16 @@ def _build(cfg: DictConfig, device: torch.device) -> list[_Bench]:
         model.load_state_dict(probe.state_dict())
         benches.append(_Bench(cfg.model.name, impl, model, cfg, device))
     if cfg.yardstick:
-        yard = create_model(cfg.yardstick, num_classes=cfg.data.num_classes,
-                            in_chans=cfg.data.in_chans)
+        yard = create_model(
+            cfg.yardstick, num_classes=cfg.data.num_classes, in_chans=cfg.data.in_chans
+        )
         benches.append(_Bench(cfg.yardstick, "-", yard, cfg, device))
     return benches
 
 
-def _batch(cfg: DictConfig, device: torch.device, generator: torch.Generator
-           ) -> tuple[Tensor, Tensor]:
+def _batch(
+    cfg: DictConfig, device: torch.device, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     size, chans, n = cfg.data.image_size, cfg.data.in_chans, cfg.batch_size
     x = torch.randn(n, chans, size, size, generator=generator).to(device)
     y = torch.randint(0, cfg.data.num_classes, (n,), generator=generator).to(device)
@@ -253,7 +261,7 @@ def run(cfg: DictConfig) -> tuple[list[Row], str]:
     peaks: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(benches))}
     for r in range(cfg.repeats):
         order = list(range(len(benches)))
-        order = order[r % len(order):] + order[: r % len(order)]
+        order = order[r % len(order) :] + order[: r % len(order)]
         for i in order:
             memory.reset()
             sync()
@@ -272,14 +280,23 @@ def run(cfg: DictConfig) -> tuple[list[Row], str]:
         rise = statistics.median(d for _, d in peaks[i])
         with b.autocast():
             act = saved_activation_bytes(b.model, x) / len(x)
-        rows.append(Row(
-            model=b.name, impl=b.impl, device=device.type, precision=str(cfg.precision),
-            batch_size=len(x), images_per_s=len(x) / step, step_ms=step * 1e3,
-            peak_mb=peak / _MB, step_peak_mb=rise / _MB, act_mb_per_image=act / _MB,
-            ops_per_step=b.count_ops(inputs(), y),
-            gmacs_per_image=count_macs(b.model, one_image) / 1e9,
-            params_m=count_params(b.model) / 1e6,
-        ))
+        rows.append(
+            Row(
+                model=b.name,
+                impl=b.impl,
+                device=device.type,
+                precision=str(cfg.precision),
+                batch_size=len(x),
+                images_per_s=len(x) / step,
+                step_ms=step * 1e3,
+                peak_mb=peak / _MB,
+                step_peak_mb=rise / _MB,
+                act_mb_per_image=act / _MB,
+                ops_per_step=b.count_ops(inputs(), y),
+                gmacs_per_image=count_macs(b.model, one_image) / 1e9,
+                params_m=count_params(b.model) / 1e6,
+            )
+        )
     _add_ratios(rows)
     return rows, machine
 
@@ -312,8 +329,9 @@ def markdown(rows: list[Row], machine: str, command: str) -> str:
     return f"Measured {when} on {machine}.\n\n`{command}`\n\n{head}\n{body}\n"
 
 
-def write(rows: list[Row], machine: str, command: str, out_dir: Path, name: str
-          ) -> tuple[Path, Path]:
+def write(
+    rows: list[Row], machine: str, command: str, out_dir: Path, name: str
+) -> tuple[Path, Path]:
     """Write `<name>.csv` and `<name>.md` under `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"

@@ -300,9 +300,7 @@ def summarize(
         peak = peak_saved_bytes(model, x) // n
         if x.device.type == "cuda":
             cuda = cuda_peak_bytes(model, x) // n
-    rows = [
-        StageRow(r.name, r.params, r.macs // n, r.output_shape) for r in stage_table(model, x)
-    ]
+    rows = [StageRow(r.name, r.params, r.macs // n, r.output_shape) for r in stage_table(model, x)]
     return Summary(
         model=name,
         data=data,
@@ -349,8 +347,11 @@ def summary_lines(s: Summary) -> list[list[str]]:
     ref = paper_reference(s.model)
     rows = [
         ["Parameters", f"{s.params:,}", ref.params if ref else ""],
-        ["Multiply-adds per image", f"{s.macs:,} ({giga(s.macs)})",
-         (ref.macs or "not given") if ref else ""],
+        [
+            "Multiply-adds per image",
+            f"{s.macs:,} ({giga(s.macs)})",
+            (ref.macs or "not given") if ref else "",
+        ],
         ["FLOPs per image (2 x MACs)", f"{s.flops:,} ({giga(s.flops)})", ""],
     ]
     if s.saved_bytes is not None:
@@ -388,7 +389,13 @@ def markdown_summary(s: Summary) -> str:
 
 
 ZOO_HEADER = [
-    "model", "data (input)", "params", "paper params", "MACs", "paper MACs", "FLOPs",
+    "model",
+    "data (input)",
+    "params",
+    "paper params",
+    "MACs",
+    "paper MACs",
+    "FLOPs",
     "saved for backward / image",
 ]
 
@@ -397,8 +404,13 @@ def zoo_cells(s: Summary) -> list[str]:
     ref = PAPER[s.model]
     name = s.model + (" (reconstructed)" if ref.reconstructed else "")
     return [
-        name, f"{s.data} ({shape(s.input_shape)})", f"{s.params:,}", ref.params,
-        giga(s.macs), ref.macs or "not given", giga(s.flops),
+        name,
+        f"{s.data} ({shape(s.input_shape)})",
+        f"{s.params:,}",
+        ref.params,
+        giga(s.macs),
+        ref.macs or "not given",
+        giga(s.flops),
         f"{mib(s.saved_bytes)} ({s.impl})",
     ]
 

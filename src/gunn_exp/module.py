@@ -37,6 +37,8 @@ class ClassificationModule(pl.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
@@ -45,6 +47,9 @@ class ClassificationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            # In place (nn.Module.compile), so state_dict keys stay `model.<...>`.
+            self.model.compile(mode=compile_mode)
         # One metric object per stage and k: Lightning resets and syncs them at epoch end.
         self.errors = nn.ModuleDict(
             {

@@ -65,6 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         channels_last=cfg.get("channels_last", False),
+        compile=cfg.get("compile", False),
+        compile_mode=cfg.get("compile_mode"),
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume changes nothing

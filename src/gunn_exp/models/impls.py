@@ -77,8 +77,17 @@ class _ConcatConv1x1(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         weight, *pieces = ctx.saved_tensors
         grad_z, grad_w, _ = aten.convolution_backward(
-            grad, torch.cat(pieces, dim=1), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
-            1, [True, True, False],
+            grad,
+            torch.cat(pieces, dim=1),
+            weight,
+            None,
+            [1, 1],
+            [0, 0],
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, True, False],
         )
         return (grad_w, *grad_z.split([p.shape[1] for p in pieces], dim=1))
 
@@ -126,8 +135,9 @@ def _conv1x1(t: Tensor, weight: Tensor) -> Tensor:
     return torch.bmm(w2.expand(n, -1, -1), t.reshape(n, c, h * w)).view(n, -1, h, w)
 
 
-def _conv1x1_backward(grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor]:
+def _conv1x1_backward(
+    grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Gradients (weight, input) of `_conv1x1(t, weight)`.
 
     With `into`, the input gradient is added to it in place (one GEMM with accumulation instead of
@@ -159,8 +169,15 @@ def _conv1x1_backward(grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | No
 # Whole-layer Function: in-place forward, recompute-what-was-not-kept backward.
 
 
-def _bn_forward(t: Tensor, weight: Tensor, bias: Tensor, running: Sequence[Tensor],
-                momentum: float, eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _bn_forward(
+    t: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running: Sequence[Tensor],
+    momentum: float,
+    eps: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm forward: (output, mean, invstd); updates the running statistics in training.
 
     In eval the statistics returned are the running ones (mean, 1/sqrt(var + eps)), so backward
@@ -182,8 +199,15 @@ def _bn_relu(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tens
     return torch.relu_(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
 
 
-def _bn_backward(grad: Tensor, t: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
-                 eps: float, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _bn_backward(
+    grad: Tensor,
+    t: Tensor,
+    weight: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of BatchNorm w.r.t. (input, weight, bias), given the statistics it used."""
     if training:
         return aten.native_batch_norm_backward(
@@ -301,13 +325,24 @@ class _GunnLayerFunction(torch.autograd.Function):
             h2 = _bn_relu(m, mean_mid, inv_mid, g_mid, b_mid)
             c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
             # Backpropagate dL/dy_i through G_i, in reverse order of its forward.
-            g_c, d_g_out, d_b_out = _bn_backward(grad_out, c, g_out, mean_out, inv_out, eps[2],
-                                                 train)
+            g_c, d_g_out, d_b_out = _bn_backward(
+                grad_out, c, g_out, mean_out, inv_out, eps[2], train
+            )
             d_w_out, g_h2 = _conv1x1_backward(g_c, h2, w_out)
-            g_m, d_g_mid, d_b_mid = _bn_backward(aten.threshold_backward(g_h2, h2, 0), m, g_mid,
-                                                 mean_mid, inv_mid, eps[1], train)
+            g_m, d_g_mid, d_b_mid = _bn_backward(
+                aten.threshold_backward(g_h2, h2, 0), m, g_mid, mean_mid, inv_mid, eps[1], train
+            )
             g_h1, d_w_mid, _ = aten.convolution_backward(
-                g_m, h1, w_mid, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                g_m,
+                h1,
+                w_mid,
+                None,
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
                 [True, True, False],
             )
             # dL/d bn_in's output: relu backward on the first 2o channels, dL/dy_i on the
@@ -320,7 +355,15 @@ class _GunnLayerFunction(torch.autograd.Function):
             d_w_in, _ = _conv1x1_backward(g_a, z, w_in, into=grad_state)  # dL/dz_i
             base = i * _TENSORS_PER_UNIT  # gradients in `_unit_tensors` order; none for buffers
             grads[base : base + _PARAMS_PER_UNIT] = [
-                d_w_in, d_w_mid, d_w_out, d_g_in, d_b_in, d_g_mid, d_b_mid, d_g_out, d_b_out
+                d_w_in,
+                d_w_mid,
+                d_w_out,
+                d_g_in,
+                d_b_in,
+                d_g_mid,
+                d_b_mid,
+                d_g_out,
+                d_b_out,
             ]
         return (None, grad_state, *grads)
 

@@ -69,8 +69,12 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 def gunn15(**options: Any) -> Gunn:
     """GUNN-15 (CIFAR; authors' gunn-15.lua). 1,585,746 parameters with 10 classes."""
     return Gunn(
-        stem="cifar", stem_width=64, widths=(240, 300, 360), segments=(20, 25, 30),
-        head_width=360, **options,
+        stem="cifar",
+        stem_width=64,
+        widths=(240, 300, 360),
+        segments=(20, 25, 30),
+        head_width=360,
+        **options,
     )
 
 
@@ -82,8 +86,13 @@ def gunn24(**options: Any) -> Gunn:
     (SPEC §2). 29,649,276 parameters with 10 classes.
     """
     return Gunn(
-        stem="cifar", stem_width=64, widths=(780, 975, 1170), segments=(20, 25, 30),
-        layers_per_stage=2, head_width=1170, **options,
+        stem="cifar",
+        stem_width=64,
+        widths=(780, 975, 1170),
+        segments=(20, 25, 30),
+        layers_per_stage=2,
+        head_width=1170,
+        **options,
     )
 
 
@@ -91,8 +100,13 @@ def gunn24(**options: Any) -> Gunn:
 def gunn18(**options: Any) -> Gunn:
     """GUNN-18 (ImageNet; authors' gunn-18.lua). 28,909,736 parameters with 1000 classes."""
     return Gunn(
-        stem="imagenet", stem_width=64, widths=(400, 800, 1600, 2000), segments=(10, 20, 40, 50),
-        projection=False, pool="after", **{**IMAGENET, **options},
+        stem="imagenet",
+        stem_width=64,
+        widths=(400, 800, 1600, 2000),
+        segments=(10, 20, 40, 50),
+        projection=False,
+        pool="after",
+        **{**IMAGENET, **options},
     )
 
 
@@ -104,8 +118,13 @@ def wide_gunn18(**options: Any) -> Gunn:
     (SPEC §2). 45,606,696 parameters with 1000 classes.
     """
     return Gunn(
-        stem="imagenet", stem_width=64, widths=(480, 960, 1920, 2400), segments=(24, 48, 96, 120),
-        projection=True, pool="after", **{**IMAGENET, **options},
+        stem="imagenet",
+        stem_width=64,
+        widths=(480, 960, 1920, 2400),
+        segments=(24, 48, 96, 120),
+        projection=True,
+        pool="after",
+        **{**IMAGENET, **options},
     )
 
 
