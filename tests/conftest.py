@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +36,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def compose_train(*overrides: str, keep_hydra: bool = False) -> DictConfig:
+    """The config `train.py <overrides>` would get, composed in-process (no run is started).
+
+    Hydra's runtime node is filled in as in a real run, so `${hydra:...}` interpolations resolve;
+    the `hydra` node itself is dropped unless `keep_hydra` (to inspect sweeper/launcher configs).
+    """
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = "/tmp/gunn-exp-compose"
+    cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    if not keep_hydra:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 def run_entry(

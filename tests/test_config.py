@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from conftest import ROOT, compose_train
+from omegaconf import OmegaConf
 
 from gunn_exp.config import ConfigError, epoch_milestones, register_resolvers, validate_config
 
@@ -14,18 +12,6 @@ register_resolvers()
 MODELS = sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml"))
 DATA = sorted(p.stem for p in (ROOT / "conf/data").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
-
-
-def compose_train(*overrides: str):
-    """The config train.py would get, with Hydra's runtime node set as in a real run."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = "/tmp/gunn-exp-compose"
-    cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.mark.parametrize("data", DATA)

@@ -6,17 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from conftest import ROOT, run_entry
-from hydra import compose, initialize_config_dir
+from conftest import compose_train, run_entry
 
 from gunn_exp.config import register_resolvers
 
 register_resolvers()
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 def test_optuna_search_minimises_the_best_validation_error(tmp_path: Path) -> None:
@@ -40,14 +34,18 @@ def test_optuna_search_minimises_the_best_validation_error(tmp_path: Path) -> No
 
 
 def test_grid_config_sweeps_learning_rates_and_seeds() -> None:
-    cfg = compose_train("hparams_search=lr_seed_grid")
+    cfg = compose_train("hparams_search=lr_seed_grid", keep_hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == {"optimizer.lr": "0.05,0.1,0.2", "seed": "0,1,2"}
 
 
 def test_slurm_launcher_runs_one_task_per_gpu() -> None:
     cfg = compose_train(
-        "hydra/launcher=slurm", "trainer=ddp_slurm", "trainer.num_nodes=2", "trainer.devices=8"
+        "hydra/launcher=slurm",
+        "trainer=ddp_slurm",
+        "trainer.num_nodes=2",
+        "trainer.devices=8",
+        keep_hydra=True,
     )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

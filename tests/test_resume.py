@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, RUN_ENV, run_entry
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, RUN_ENV, compose_train, run_entry
 
 from gunn_exp.checkpointing import CheckpointError
 from gunn_exp.config import register_resolvers
@@ -130,11 +129,6 @@ def test_resolve_ckpt_path(tmp_path: Path) -> None:
     assert resolve_ckpt_path("last", tmp_path) == last
     assert resolve_ckpt_path("auto", tmp_path) == last
     assert resolve_ckpt_path(str(last), Path("/elsewhere")) == last
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_wandb_run_id_is_kept_with_the_run_directory(tmp_path: Path) -> None:
