@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-all lint format ablation benchmark summarize report clean
+.PHONY: help install demo train test test-slow test-all lint format ablation benchmark summarize report clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ train: $(STAMP) ## Train: make train ARGS="model=gunn15 data=cifar10"
 
 test: $(STAMP) ## Run the test suite (offline, CPU; slow checks excluded)
 	$(BIN)/pytest -m "not slow" $(ARGS)
+
+test-slow: $(STAMP) ## Run only the slow checks (CI runs them after `make test`)
+	$(BIN)/pytest -m slow $(ARGS)
 
 test-all: $(STAMP) ## Run every test, slow ones included
 	$(BIN)/pytest $(ARGS)
