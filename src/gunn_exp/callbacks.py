@@ -10,6 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from gunn_exp.plots import plot_curves
+from gunn_exp.results import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,7 @@ class EpochSummary(pl.Callback):
         self._epoch_lr = float("nan")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.csv_path.exists():
-            with self.csv_path.open() as f:
-                self.rows = [
-                    {k: float(v) for k, v in row.items() if v not in ("", None)}
-                    for row in csv.DictReader(f)
-                ]
+        self.rows = read_metrics(self.csv_path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in on_fit_start: Lightning restores the resumed epoch after that hook.

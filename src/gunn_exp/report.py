@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gunn_exp.results import read_results
+from gunn_exp.results import read_metrics, read_results
 
 Run = dict[str, Any]
 GroupKey = tuple[str, str, int]
@@ -71,22 +71,11 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
 def _load_run(results_file: Path) -> Run:
     run = read_results(results_file)
     run["run_dir"] = str(results_file.parent)
-    run["curve"] = read_curve(results_file.parent / "metrics.csv")
+    run["curve"] = read_metrics(results_file.parent / "metrics.csv")
     # The authors printed top-5 at the best top-1 epoch; results.json keeps only top-1's best.
     best = [r for r in run["curve"] if r.get("epoch") == run.get("best_val_epoch")]
     run["best_val_err5"] = best[0].get("val/err5") if best else None
     return run
-
-
-def read_curve(path: Path) -> list[dict[str, float]]:
-    """The per-epoch rows of a metrics.csv (EpochSummary's columns) as floats; [] if absent."""
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [
-            {k: float(v) for k, v in row.items() if v not in ("", None)}
-            for row in csv.DictReader(f)
-        ]
 
 
 def _sortable(value: Any) -> tuple[bool, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
 
 def read_results(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The per-epoch rows of a `metrics.csv` written by EpochSummary, as floats; [] if absent."""
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
