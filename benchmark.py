@@ -1,21 +1,22 @@
 """Benchmark the GUNN layer implementations: `python benchmark.py model=gunn15`."""
 
-import os
 import shlex
 import sys
-from pathlib import Path
 
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from gunn_exp import cli
 
-from gunn_exp.benchmark import main as run_benchmark  # noqa: E402
+cli.prepare(__file__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
 def main(cfg: DictConfig) -> None:
-    run_benchmark(cfg, command=shlex.join(["python", "benchmark.py", *sys.argv[1:]]))
+    from gunn_exp.analysis.benchmark import main as run_benchmark
+
+    with cli.exits_on_error():
+        run_benchmark(cfg, command=shlex.join(["python", "benchmark.py", *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

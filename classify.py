@@ -6,12 +6,11 @@ image could be read. argparse, not Hydra: this is a tool over a list of files, n
 """
 
 import argparse
-import logging
 import sys
 
-from gunn_exp.checkpointing import CheckpointError
-from gunn_exp.inference import RunError, list_images, load_run
-from gunn_exp.predict import classify_images
+from gunn_exp import cli
+from gunn_exp.inference.predict import classify_images
+from gunn_exp.inference.run import list_images, load_run
 
 
 def main() -> int:
@@ -22,14 +21,9 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=5, help="classes shown per image")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = parser.parse_args()
-    logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
-    logging.getLogger("gunn_exp").setLevel(logging.INFO)
-    try:
-        run = load_run(args.run, args.ckpt, args.device)
-        predictions, skipped = classify_images(run, list_images(args.images), args.top)
-    except (RunError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cli.prepare(__file__, log_info=True)
+    run = load_run(args.run, args.ckpt, args.device)
+    predictions, skipped = classify_images(run, list_images(args.images), args.top)
     width = max((len(name) for p in predictions for name, _ in p.top), default=0)
     for p in predictions:
         print(p.name)
@@ -44,4 +38,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -7,13 +7,12 @@ argparse, not Hydra: a one-off tool on a finished run, not an experiment.
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from gunn_exp.checkpointing import CheckpointError
-from gunn_exp.export import example_input, export_run, max_differences
-from gunn_exp.inference import RunError, load_run
+from gunn_exp import cli, rundir
+from gunn_exp.inference.export import example_input, export_run, max_differences
+from gunn_exp.inference.run import load_run
 
 
 def main() -> int:
@@ -26,14 +25,9 @@ def main() -> int:
     )
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
-    logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
-    logging.getLogger("gunn_exp").setLevel(logging.INFO)
-    try:
-        run = load_run(args.run, args.ckpt, "cpu")
-    except (RunError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out_dir = args.out or run.run_dir / "export"
+    cli.prepare(__file__, log_info=True)
+    run = load_run(args.run, args.ckpt, "cpu")
+    out_dir = args.out or run.run_dir / rundir.EXPORT
     for path in export_run(run, out_dir, tuple(args.format)):
         print(f"wrote {path}")
     # A different batch size from the tracing example also checks that the batch is dynamic.
@@ -51,4 +45,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

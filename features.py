@@ -8,12 +8,11 @@ argparse, not Hydra: this is a tool over a list of files, not an experiment.
 """
 
 import argparse
-import logging
 import sys
 
-from gunn_exp.checkpointing import CheckpointError
-from gunn_exp.inference import RunError, list_images, load_run
-from gunn_exp.predict import extract_features, save_features
+from gunn_exp import cli
+from gunn_exp.inference.predict import extract_features, save_features
+from gunn_exp.inference.run import list_images, load_run
 
 
 def main() -> int:
@@ -26,14 +25,9 @@ def main() -> int:
     args = parser.parse_args()
     if not args.output.endswith((".npy", ".pt")):
         parser.error(f"--output {args.output}: must end in .npy or .pt")
-    logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
-    logging.getLogger("gunn_exp").setLevel(logging.INFO)
-    try:
-        run = load_run(args.run, args.ckpt, args.device)
-        names, features, skipped = extract_features(run, list_images(args.images))
-    except (RunError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cli.prepare(__file__, log_info=True)
+    run = load_run(args.run, args.ckpt, args.device)
+    names, features, skipped = extract_features(run, list_images(args.images))
     if not names:
         print("error: no image could be read; nothing written.", file=sys.stderr)
         return 1
@@ -46,4 +40,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gunn_exp.report import load_runs, markdown_report, write_report
+from gunn_exp import cli
+from gunn_exp.analysis.report import load_runs, markdown_report, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="Results", help="heading of the report and figure")
     parser.add_argument("--no-plot", action="store_true", help="skip the figure")
     args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.paths)
-    except FileNotFoundError as err:
-        print(err, file=sys.stderr)
-        return 2
+    runs = load_runs(args.paths)
     if not runs:
         print(f"report: no results.json under {' '.join(args.paths)}.", file=sys.stderr)
         return 2
@@ -38,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

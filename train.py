@@ -1,35 +1,19 @@
 """Train a model: `python train.py model=gunn15 data=cifar10` (see conf/train.yaml)."""
 
-import os
-import sys
-from pathlib import Path
+import hydra
+from omegaconf import DictConfig
 
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
+from gunn_exp import cli
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from gunn_exp.checkpointing import CheckpointError  # noqa: E402
-from gunn_exp.config import ConfigError, register_resolvers  # noqa: E402
-from gunn_exp.faults import RunStopped  # noqa: E402
-from gunn_exp.train import train  # noqa: E402
-
-register_resolvers()
+cli.prepare(__file__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
+    from gunn_exp.training.train import train
+
+    with cli.exits_on_error():
         results = train(cfg)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except CheckpointError as err:
-        print(f"checkpoint error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except RunStopped as err:  # a signal (checkpoint saved) or a non-finite loss
-        print(f"stopped: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
     # Returned for sweepers (e.g. Optuna) that minimise a metric.
     return results.get("best_val_err1")
 

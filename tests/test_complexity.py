@@ -9,7 +9,7 @@ from conftest import run_entry
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gunn_exp.complexity import (
+from gunn_exp.analysis.complexity import (
     count_macs,
     count_params,
     markdown_summary,

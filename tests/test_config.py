@@ -6,7 +6,9 @@ import pytest
 from conftest import ROOT, compose_train
 from omegaconf import OmegaConf
 
-from gunn_exp.config import ConfigError, epoch_milestones, register_resolvers, validate_config
+from gunn_exp.config import validate_config
+from gunn_exp.errors import ConfigError
+from gunn_exp.training.schedules import epoch_milestones, register_resolvers
 
 register_resolvers()
 MODELS = sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml"))

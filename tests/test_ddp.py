@@ -15,8 +15,9 @@ from conftest import ROOT, RUN_ENV, run_entry
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from gunn_exp.config import ConfigError, register_resolvers
-from gunn_exp.launch import check_rank_run_dirs
+from gunn_exp.errors import ConfigError
+from gunn_exp.training.launch import check_rank_run_dirs
+from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()
 

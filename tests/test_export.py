@@ -15,9 +15,9 @@ from sklearn.datasets import load_digits
 from test_inference import digits_run_dir
 
 import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN implementations)
-from gunn_exp.export import export_run
-from gunn_exp.inference import load_run
-from gunn_exp.preprocessing import Preprocessing
+from gunn_exp.inference.export import export_run
+from gunn_exp.inference.preprocessing import Preprocessing
+from gunn_exp.inference.run import load_run
 
 ATOL = 1e-4
 # torch.jit.load warns that TorchScript is deprecated; loading it is what this test is about.

@@ -17,10 +17,11 @@ from conftest import RUN_ENV
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gunn_exp.checkpointing import CheckpointError, atomic_torch_save, load_checkpoint
-from gunn_exp.faults import FiniteLossGuard, GracefulStop, Interrupted, NonFiniteLoss
+from gunn_exp.errors import CheckpointError, Interrupted, NonFiniteLoss
+from gunn_exp.inference.weights import load_checkpoint
 from gunn_exp.models import create_model
-from gunn_exp.resume import check_resumable
+from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable
+from gunn_exp.training.faults import FiniteLossGuard, GracefulStop
 
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
 
@@ -32,19 +33,21 @@ class Unpicklable:
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
-    atomic_torch_save({"state_dict": {}, "version": 1}, path)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "version": 1}, path)
     with pytest.raises(RuntimeError, match="disk full"):
-        atomic_torch_save({"state_dict": {}, "big": torch.zeros(100_000), "x": Unpicklable()}, path)
+        AtomicCheckpointIO().save_checkpoint(
+            {"state_dict": {}, "big": torch.zeros(100_000), "x": Unpicklable()}, path
+        )
     assert load_checkpoint(path)["version"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
 SAVE_FOREVER = """
 import sys, torch
-from gunn_exp.checkpointing import atomic_torch_save
+from gunn_exp.training.checkpoints import AtomicCheckpointIO
 for i in range(10**6):
     state = {"w": torch.full((4_000_000,), float(i))}
-    atomic_torch_save({"state_dict": state, "i": i}, sys.argv[1])
+    AtomicCheckpointIO().save_checkpoint({"state_dict": state, "i": i}, sys.argv[1])
     print(i, flush=True)
 """
 
@@ -92,8 +95,8 @@ def test_corrupt_checkpoint_is_refused_in_one_line(run_train, tmp_path: Path) ->
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     proc, run_dir = run_train(*TINY, f"ckpt_path={bad}", check=False)
-    assert proc.returncode == 1
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("checkpoint error:")]
+    assert proc.returncode == 2  # bad input, as in every entry point (errors.exit_code)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: checkpoint")]
     assert len(lines) == 1 and "corrupt" in lines[0] and str(bad) in lines[0], proc.stderr[-2000:]
     assert not (run_dir / "config.yaml").exists()  # refused before writing anything
 

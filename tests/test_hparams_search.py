@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from conftest import compose_train, run_entry
 
-from gunn_exp.config import register_resolvers
+from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()
 

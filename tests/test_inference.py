@@ -19,14 +19,13 @@ from omegaconf import open_dict
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from gunn_exp.checkpointing import CheckpointError
-from gunn_exp.config import ConfigError
-from gunn_exp.evaluate import evaluate
-from gunn_exp.inference import RunError, find_run, list_images, load_run, pooled_features
+from gunn_exp.errors import CheckpointError, ConfigError, RunError
+from gunn_exp.inference.evaluate import evaluate
+from gunn_exp.inference.predict import classify_images
+from gunn_exp.inference.preprocessing import Preprocessing
+from gunn_exp.inference.run import find_run, list_images, load_run, pooled_features
+from gunn_exp.inference.weights import init_from_checkpoint, load_weights
 from gunn_exp.models import create_model
-from gunn_exp.predict import classify_images
-from gunn_exp.preprocessing import Preprocessing
-from gunn_exp.weights import init_from_checkpoint, load_weights
 
 DIGITS = 3  # images written as PNG files for classify/features
 

@@ -22,7 +22,7 @@ from scipy import stats
 from torch import nn
 from torchvision import transforms as T
 
-from gunn_exp.config import register_resolvers, validate_config
+from gunn_exp.config import validate_config
 from gunn_exp.data import ImageNetDataModule
 from gunn_exp.data.transforms import (
     CIFAR_STATS,
@@ -37,8 +37,8 @@ from gunn_exp.data.transforms import (
     cifar_train_transform,
     imagenet_train_transform,
 )
-from gunn_exp.module import ClassificationModule
-from gunn_exp.schedules import imagenet_decay_steps
+from gunn_exp.training.module import ClassificationModule
+from gunn_exp.training.schedules import imagenet_decay_steps, register_resolvers
 
 register_resolvers()
 

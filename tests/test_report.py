@@ -11,7 +11,7 @@ import pytest
 from conftest import run_entry
 from omegaconf import OmegaConf
 
-from gunn_exp.report import (
+from gunn_exp.analysis.report import (
     PAPER,
     convergence_table,
     load_runs,
@@ -19,7 +19,7 @@ from gunn_exp.report import (
     results_table,
     write_report,
 )
-from gunn_exp.sweep import SweepSummary
+from gunn_exp.training.sweep import SweepSummary
 
 CURVE_COLUMNS = ("epoch", "lr", "train/loss", "val/err1", "val/err5")
 

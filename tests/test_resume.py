@@ -15,9 +15,11 @@ import pytest
 import torch
 from conftest import ROOT, RUN_ENV, compose_train, run_entry
 
-from gunn_exp.checkpointing import CheckpointError
-from gunn_exp.config import register_resolvers
-from gunn_exp.resume import WANDB_ID_FILE, resolve_ckpt_path, wandb_resume_kwargs
+from gunn_exp.errors import CheckpointError
+from gunn_exp.rundir import WANDB_ID as WANDB_ID_FILE
+from gunn_exp.training.checkpoints import resolve_ckpt_path
+from gunn_exp.training.loggers import wandb_resume_kwargs
+from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()
 
@@ -112,8 +114,8 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
 
 def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
     proc = train(tmp_path / "run", "ckpt_path=last", check=False)
-    assert proc.returncode == 1
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("checkpoint error:")]
+    assert proc.returncode == 2  # bad input, as in every entry point (errors.exit_code)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ckpt_path=last")]
     assert len(lines) == 1 and "hydra.run.dir=" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "run" / "config.yaml").exists()
 

@@ -105,7 +105,7 @@ def test_unknown_model_names_the_choices(run_train) -> None:
 def test_bad_values_get_a_one_line_error(run_train, override: str, key: str) -> None:
     proc, _ = run_train("experiment=digits", override, check=False)
     assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
 
 

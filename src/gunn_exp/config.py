@@ -1,19 +1,16 @@
-"""Config checks that run before anything is built, and helpers to show and save a config."""
+"""Config checks that run before anything is built: one error naming the key, value and fix."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gunn_exp.errors import ConfigError
+
 _MISSING = object()
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
 
 
 def _positive_int(v: Any) -> bool:
@@ -80,41 +77,3 @@ def validate_config(cfg: DictConfig) -> None:
         if not ok(value):
             hint = expected() if callable(expected) else expected
             raise ConfigError(f"{key}={value!r} is invalid: expected {hint}.")
-
-
-def save_config(cfg: DictConfig, path: str | Path) -> Path:
-    """Write the fully resolved config, the file `eval.py` and resumes rebuild a run from."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return path
-
-
-def print_config(cfg: DictConfig, fields: Sequence[str] | None = None) -> None:
-    """Show the resolved config as a tree, one branch per top-level group."""
-    from rich import print as rprint
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
-    tree = Tree("config", guide_style="dim")
-    for field in fields or list(cfg.keys()):
-        value = cfg.get(field)
-        text = (
-            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-        )
-        tree.add(field).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
-    rprint(tree)
-
-
-def epoch_milestones(max_epochs: int, fractions: Sequence[float]) -> list[int]:
-    """0-based MultiStepLR milestones for 'decay from 1-based epoch >= f * max_epochs' (SPEC §3).
-
-    With 300 epochs and (0.5, 0.75): lr drops from 1-based epochs 150 and 225, i.e. after 149 and
-    224 scheduler steps.
-    """
-    return [max(math.ceil(f * max_epochs) - 1, 0) for f in fractions]
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("epoch_milestones"):
-        OmegaConf.register_new_resolver("epoch_milestones", epoch_milestones)

@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from gunn_exp.callbacks import EpochSummary
-from gunn_exp.checkpointing import AtomicCheckpointIO
-from gunn_exp.config import print_config, save_config, validate_config
-from gunn_exp.launch import (
+from gunn_exp import rundir
+from gunn_exp.config import validate_config
+from gunn_exp.inference.preprocessing import Preprocessing
+from gunn_exp.inference.weights import init_from_checkpoint
+from gunn_exp.training.callbacks import EpochSummary
+from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
+from gunn_exp.training.launch import (
     check_rank_run_dirs,
     in_multirun,
     launches_own_ranks,
     log_rank_results,
     run_job_as_single_run,
 )
-from gunn_exp.loggers import log_curves, log_run_setup, wandb_group
-from gunn_exp.module import ClassificationModule
-from gunn_exp.preprocessing import Preprocessing
-from gunn_exp.results import summary_lines, write_results
-from gunn_exp.resume import check_resumable, resolve_ckpt_path, wandb_resume_kwargs
-from gunn_exp.weights import init_from_checkpoint
+from gunn_exp.training.loggers import (
+    log_curves,
+    log_run_setup,
+    wandb_group,
+    wandb_resume_kwargs,
+)
+from gunn_exp.training.module import ClassificationModule
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: torch.nn.Module = instantiate(cfg.model)
-    if cfg.get("init_from"):  # fine-tuning: start from another run's weights (weights.py)
+    if cfg.get("init_from"):  # fine-tuning: start from another run's weights (inference/weights.py)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"model {cfg.model.name}: {params:,} parameters")
@@ -72,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None:  # before anything is written: a refused resume changes nothing
         check_resumable(ckpt_path, model, cfg.model.name)
     if rank_zero_only.rank == 0:
-        save_config(cfg, output_dir / "config.yaml")
+        rundir.save_config(cfg, output_dir)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(
         cfg.get("logger"), group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
@@ -113,11 +117,44 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         # Class names let a run directory classify images on its own (see classify.py).
-        (output_dir / "classes.json").write_text(json.dumps(list(datamodule.classes)))
+        rundir.write_json(output_dir / rundir.CLASSES, list(datamodule.classes), sort_keys=False)
         Preprocessing.from_datamodule(datamodule).save(output_dir)
-        write_results(results, output_dir)
-        log_curves(loggers, output_dir / "curves.png")
+        rundir.write_results(results, output_dir)
+        log_curves(loggers, output_dir / rundir.CURVES)
         for line in summary_lines(results):
             log.info(line)
     log_rank_results(trainer, results)
     return results
+
+
+def print_config(cfg: DictConfig, fields: Sequence[str]) -> None:
+    """Show the resolved config as a tree, one branch per top-level group."""
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for field in fields:
+        value = cfg.get(field)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
+        tree.add(field).add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    rprint(tree)
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The closing lines of a run: what was trained and how well."""
+
+    def pct(key: str) -> str:
+        value = results.get(key)
+        return "n/a" if value is None else f"{value:.2f}%"
+
+    return [
+        f"model {results['model']} ({results['params']:,} params) on {results['data']}, "
+        f"{results['epochs']} epochs in {results['wall_time_s']:.1f}s",
+        f"test  top-1 error {pct('test_err1')}   top-5 error {pct('test_err5')}   (final epoch)",
+        f"val   top-1 error {pct('best_val_err1')} best (epoch {results.get('best_val_epoch')}), "
+        f"{pct('final_val_err1')} final",
+        f"run directory: {results['output_dir']}",
+    ]

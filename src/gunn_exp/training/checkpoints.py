@@ -1,26 +1,26 @@
-"""Resuming a run: which checkpoint `ckpt_path` means, refusing one that cannot resume this config,
-and keeping the resumed run in the same wandb run."""
+"""Training checkpoints: which file `ckpt_path` means, refusing one that cannot resume this config,
+and writing every checkpoint atomically (a kill during a save never leaves a truncated file)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_only
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning_fabric.utilities.cloud_io import get_filesystem
+from pytorch_lightning.plugins import TorchCheckpointIO
 from torch import nn
 
-from gunn_exp.checkpointing import CheckpointError, load_checkpoint
-from gunn_exp.faults import LAST
-from gunn_exp.weights import StateDiff, model_state
+from gunn_exp import rundir
+from gunn_exp.errors import CheckpointError
+from gunn_exp.inference.weights import StateDiff, load_checkpoint, model_state
 
 log = logging.getLogger(__name__)
 
 # Keys Lightning needs to continue training (a weights-only file has just `state_dict`).
 TRAINING_STATE = ("epoch", "global_step", "loops", "optimizer_states", "callbacks")
-WANDB_ID_FILE = "wandb_id.txt"
 
 
 def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
@@ -36,7 +36,7 @@ def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
     if value is None:
         return None
     if value in ("last", "auto"):
-        last = run_dir / "checkpoints" / LAST
+        last = rundir.checkpoint(run_dir, rundir.LAST)
         if last.is_file():
             return last
         if value == "auto":
@@ -65,7 +65,7 @@ def check_resumable(path: Path, model: nn.Module, model_name: str) -> None:
         )
     diff = StateDiff.between(model, model_state(ckpt, path))
     if diff:
-        source = run_model_name(path)
+        source = rundir.run_model_name(path)
         written_by = f" It was written by a run of model {source}." if source else ""
         raise CheckpointError(
             f"checkpoint {path} does not match model {model_name}: {diff}.{written_by} Resume "
@@ -74,30 +74,20 @@ def check_resumable(path: Path, model: nn.Module, model_name: str) -> None:
     log.info(f"resuming from {path} (epoch {ckpt['epoch'] + 1}, step {ckpt['global_step']})")
 
 
-def run_model_name(path: Path) -> str | None:
-    """The model name in the config.yaml of the run directory holding checkpoint `path`."""
-    config = path.parent.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    return OmegaConf.select(OmegaConf.load(config), "model.name")
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer through `rundir.atomic_write` for local paths.
 
-
-def wandb_resume_kwargs(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """`id`/`resume` for the WandbLogger so a resumed run continues the same wandb run.
-
-    The id is made once per run directory and kept in `wandb_id.txt` beside the checkpoints;
-    `resume="allow"` continues that run if wandb knows it and starts it otherwise. An explicit
-    `logger.wandb.id` wins.
+    Kept because Lightning's own writer stages the file in the system temp directory and moves
+    it (a non-atomic copy when that is another filesystem, typical on clusters) and never fsyncs.
+    Every checkpoint Lightning writes (ModelCheckpoint, the signal handler's save,
+    `trainer.save_checkpoint`) goes through the strategy's CheckpointIO, so this one plugin makes
+    all of them atomic. Remote (fsspec) paths keep Lightning's behaviour.
     """
-    if OmegaConf.select(cfg, "logger.wandb._target_") is None:
-        return {}
-    explicit = OmegaConf.select(cfg, "logger.wandb.id")
-    if explicit:
-        return {"id": explicit, "resume": "allow"}
-    id_file = run_dir / WANDB_ID_FILE
-    if id_file.is_file():
-        return {"id": id_file.read_text().strip(), "resume": "allow"}
-    run_id = secrets.token_hex(4)  # wandb's own ids are 8 lowercase alphanumerics too
-    if rank_zero_only.rank == 0:  # only rank 0 talks to wandb
-        id_file.write_text(run_id + "\n")
-    return {"id": run_id, "resume": "allow"}
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        rundir.atomic_write(path, lambda f: torch.save(checkpoint, f))

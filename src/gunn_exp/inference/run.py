@@ -1,6 +1,6 @@
 """A finished run as an eval-mode model: shared by eval.py, classify.py, features.py, export.py.
 
-A run directory (see train.py) holds everything needed: `config.yaml` says which model to build,
+A run directory (rundir.py) holds everything needed: `config.yaml` says which model to build,
 `checkpoints/{best,last}.ckpt` hold its weights, `classes.json` and `preprocessing.json` say what
 its outputs mean and how an image file becomes an input. Runs that stopped before writing the last
 two (interrupted, or older) get them by rebuilding their data module from `config.yaml`.
@@ -23,18 +23,15 @@ from PIL import UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from gunn_exp import rundir
 from gunn_exp.data import ImageDataModule
-from gunn_exp.preprocessing import FILENAME as PREPROCESSING_FILE
-from gunn_exp.preprocessing import Preprocessing
-from gunn_exp.weights import load_weights, run_dir_of
+from gunn_exp.errors import RunError
+from gunn_exp.inference.preprocessing import Preprocessing
+from gunn_exp.inference.weights import load_weights
 
 log = logging.getLogger(__name__)
 
-CKPT_NAMES = ("best", "last")
-
-
-class RunError(ValueError):
-    """A run directory or checkpoint that cannot be used; the message says what to pass instead."""
+CKPT_NAMES = (rundir.BEST, rundir.LAST)
 
 
 @dataclass
@@ -53,18 +50,20 @@ class Run:
 
     @cached_property
     def classes(self) -> list[str]:
-        path = self.run_dir / "classes.json"
+        path = self.run_dir / rundir.CLASSES
         return json.loads(path.read_text()) if path.is_file() else list(self._datamodule.classes)
 
     @cached_property
     def preprocessing(self) -> Preprocessing:
-        if (self.run_dir / PREPROCESSING_FILE).is_file():
+        if (self.run_dir / rundir.PREPROCESSING).is_file():
             return Preprocessing.read(self.run_dir)
         return Preprocessing.from_datamodule(self._datamodule)
 
     @cached_property
     def _datamodule(self) -> ImageDataModule:
-        log.info(f"{self.run_dir} has no classes.json/{PREPROCESSING_FILE}: rebuilding its data")
+        log.info(
+            f"{self.run_dir} has no {rundir.CLASSES}/{rundir.PREPROCESSING}: rebuilding its data"
+        )
         dm: ImageDataModule = instantiate(self.config.data)
         dm.prepare_data()
         dm.setup("test")
@@ -80,21 +79,21 @@ def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
     from a checkpoint file inside a run directory (then `ckpt` is ignored)."""
     path = Path(path)
     if path.is_file():
-        run_dir = run_dir_of(path)
+        run_dir = rundir.find_run_dir(path)
         if run_dir is None:
             raise RunError(
                 f"{path}: no config.yaml beside it or in its parent, so the model it holds is "
                 f"unknown; pass the run directory (or a checkpoint inside <run>/checkpoints/)."
             )
         return run_dir, path
-    if not (path / "config.yaml").is_file():
+    if not (path / rundir.CONFIG).is_file():
         raise RunError(
             f"{path} is not a run directory (no config.yaml); pass the folder train.py wrote "
             f"(logs/<task>/runs/<time>_<model>_<data>) or a checkpoint in it."
         )
     if ckpt not in CKPT_NAMES:
         return path, Path(ckpt)
-    checkpoint = path / "checkpoints" / f"{ckpt}.ckpt"
+    checkpoint = rundir.checkpoint(path, ckpt)
     if not checkpoint.is_file():
         other = CKPT_NAMES[1 - CKPT_NAMES.index(ckpt)]
         raise RunError(f"{path} has no checkpoints/{ckpt}.ckpt; use ckpt={other} or ckpt=<path>.")
@@ -104,7 +103,7 @@ def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
 def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> Run:
     """Build the run's model from its config.yaml, load the checkpoint, put it in eval mode."""
     run_dir, checkpoint = find_run(path, ckpt)
-    config = OmegaConf.load(run_dir / "config.yaml")
+    config = OmegaConf.load(run_dir / rundir.CONFIG)
     model: nn.Module = instantiate(config.model)
     loaded = load_weights(model, checkpoint, str(config.model.name))
     model.eval().to(resolve_device(device))

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 class SweepSummary(Callback):
     """After a multirun: `summary.md` and `summary.csv` in the sweep directory, built from the
-    jobs' results.json by `gunn_exp.report` (groups over seeds, paper numbers, every job).
+    jobs' results.json by `gunn_exp.analysis.report` (groups over seeds, paper numbers, every job).
 
     Jobs that left no results.json (failed, killed) are listed in summary.md so that a summary
     of 5 runs out of 6 says so.
@@ -25,7 +25,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # Imported here: Hydra builds its callbacks for every run, single runs need none of this.
-        from gunn_exp.report import load_runs, write_report
+        from gunn_exp.analysis.report import load_runs, write_report
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():

@@ -22,10 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from gunn_exp.config import ConfigError, validate_config
+from gunn_exp import rundir
+from gunn_exp.config import validate_config
 from gunn_exp.data import ImageDataModule
-from gunn_exp.inference import CKPT_NAMES, Run, load_run, predict_log_probs
-from gunn_exp.results import write_results
+from gunn_exp.errors import ConfigError
+from gunn_exp.inference.run import CKPT_NAMES, Run, load_run, predict_log_probs
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -70,10 +71,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "err5": 100.0 * (top5 != labels[:, None]).all(1).float().mean().item(),
         "loss": F.nll_loss(scores, labels).item(),
     }
-    out_dir = run.run_dir / "eval" / _tag(cfg, data_cfg)
+    out_dir = run.run_dir / rundir.EVAL / _tag(cfg, data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     results["output_dir"] = str(out_dir)
-    write_results(results, out_dir)
+    rundir.write_results(results, out_dir)
     _write_confusion(confusion, dm.classes, out_dir)
     _plot_confusion(confusion, dm.classes, out_dir / "confusion_matrix.png", _title(results))
     log.info(

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 
-from gunn_exp.plots import plot_curves
-from gunn_exp.results import read_metrics
+from gunn_exp import rundir
+from gunn_exp.analysis.plots import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,15 @@ class EpochSummary(pl.Callback):
     """
 
     def __init__(self, output_dir: str, plot: bool = True) -> None:
-        self.csv_path = Path(output_dir) / "metrics.csv"
-        self.plot_path = Path(output_dir) / "curves.png"
+        self.csv_path = Path(output_dir) / rundir.METRICS
+        self.plot_path = Path(output_dir) / rundir.CURVES
         self.plot = plot
         self.rows: list[dict[str, float]] = []
         self._epoch_start = 0.0
         self._epoch_lr = float("nan")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.rows = read_metrics(self.csv_path)
+        self.rows = rundir.read_metrics(self.csv_path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Here, not in on_fit_start: Lightning restores the resumed epoch after that hook.
@@ -77,12 +78,11 @@ class EpochSummary(pl.Callback):
         log.info(format_row(row, trainer.max_epochs))
 
     def _write_csv(self) -> None:
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: _fmt(v) for k, v in row.items()} for row in self.rows)
-        tmp.replace(self.csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: _fmt(v) for k, v in row.items()} for row in self.rows)
+        rundir.atomic_write(self.csv_path, text.getvalue())
 
 
 def _fmt(value: float) -> str:

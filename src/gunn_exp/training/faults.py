@@ -1,6 +1,6 @@
 """Stopping a run without losing it: on a signal (checkpoint first) or on a non-finite loss
-(before the bad step reaches the weights). Both end in a `RunStopped` error that train.py
-prints as one line."""
+(before the bad step reaches the weights). Both end in a `RunStopped` error (errors.py) that
+the entry point prints as one line."""
 
 from __future__ import annotations
 
@@ -14,28 +14,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from gunn_exp import rundir
+from gunn_exp.errors import Interrupted, NonFiniteLoss
+
 log = logging.getLogger(__name__)
-
-LAST = "last.ckpt"  # written every epoch (conf/callbacks/default.yaml); `ckpt_path=last` resumes it
-
-
-class RunStopped(RuntimeError):
-    """Training stopped on purpose; the message says why and how to go on."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class NonFiniteLoss(RunStopped):
-    """The training loss became nan/inf."""
-
-
-class Interrupted(RunStopped):
-    """A signal (SIGTERM from SLURM or `kill`, SIGINT from Ctrl-C) stopped training."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message, exit_code=128 + signum)  # the shell's "killed by signal N"
 
 
 class GracefulStop(pl.Callback):
@@ -105,7 +87,7 @@ class GracefulStop(pl.Callback):
             return  # the epoch's end (validation, checkpoint, metrics row) comes first
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        path = self.dirpath / LAST
+        path = self.dirpath / rundir.ckpt_name(rundir.LAST)
         trainer.save_checkpoint(path)
         name = self.received.name if self.received else "another rank's signal"
         message = (
@@ -131,7 +113,7 @@ class FiniteLossGuard(pl.Callback):
     """
 
     def __init__(self, dirpath: str) -> None:
-        self.last = Path(dirpath) / LAST
+        self.last = Path(dirpath) / rundir.ckpt_name(rundir.LAST)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor

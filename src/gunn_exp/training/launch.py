@@ -27,8 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 
-from gunn_exp.config import ConfigError
-from gunn_exp.faults import Interrupted, RunStopped
+from gunn_exp import rundir
+from gunn_exp.errors import ConfigError, Interrupted, RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
         )
     if code != 0:
         raise RunStopped(f"{job} failed with exit code {code} (its messages are above).", code)
-    return json.loads((output_dir / "results.json").read_text())
+    return rundir.read_results(output_dir / rundir.RESULTS)
 
 
 def log_rank_results(trainer: pl.Trainer, results: dict[str, Any]) -> None:

@@ -17,9 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
+from gunn_exp import rundir
 from gunn_exp.data import DigitsDataModule, ImageDataModule, ImageNetDataModule
-
-FILENAME = "preprocessing.json"
 
 
 @dataclass(frozen=True)
@@ -81,12 +80,10 @@ class Preprocessing:
             return self(img)
 
     def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / FILENAME
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        return path
+        return rundir.write_json(Path(folder) / rundir.PREPROCESSING, asdict(self), sort_keys=False)
 
     @classmethod
     def read(cls, folder: str | Path) -> Preprocessing:
-        fields = json.loads((Path(folder) / FILENAME).read_text())
+        fields = json.loads((Path(folder) / rundir.PREPROCESSING).read_text())
         fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
         return cls(**fields)

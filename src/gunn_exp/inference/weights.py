@@ -1,5 +1,6 @@
-"""Putting a checkpoint's weights into a model: exactly (inference) or all but the classifier
-(fine-tuning), refusing with the differing tensors named when the architectures do not match.
+"""Reading a checkpoint and putting its weights into a model: exactly (inference) or all but the
+classifier (fine-tuning), refusing with the differing tensors named when the architectures do not
+match.
 
 `load_state_dict`'s own error is a wall of key names; these messages say which model was expected,
 what differs (first few tensors with both shapes) and what to do about it.
@@ -12,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import torch
 from torch import Tensor, nn
 
-from gunn_exp.checkpointing import CheckpointError, load_checkpoint
+from gunn_exp.errors import CheckpointError
+from gunn_exp.rundir import run_model_name
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +84,23 @@ def _more(items: list[Any]) -> str:
     return f", ... {len(items) - SHOWN} more" if len(items) > SHOWN else ""
 
 
-def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run directory a checkpoint file belongs to (config.yaml beside it or one level up,
-    as in <run>/checkpoints/best.ckpt), or None."""
-    return next((d for d in Path(checkpoint).parents[:2] if (d / "config.yaml").is_file()), None)
-
-
-def _trained_as(checkpoint: str | Path) -> str | None:
-    """The model name in the config.yaml of the checkpoint's run, if it has one."""
-    run_dir = run_dir_of(checkpoint)
-    if run_dir is None:
-        return None
-    return OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "model.name")
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a Lightning checkpoint (a dict with a `state_dict`) or refuse it with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # pickle/zip errors of every kind mean the same thing here
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}: {err}); "
+            f"use another checkpoint of the run (e.g. checkpoints/best.ckpt or last.ckpt)."
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"checkpoint {path} has no 'state_dict': it was not written by gunn-exp/Lightning."
+        )
+    return ckpt
 
 
 def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
@@ -123,8 +130,8 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str) -> dict[st
     if diff:
         raise CheckpointError(
             f"checkpoint {path} does not match model {model_name}: {diff}. It was trained as "
-            f"model {_trained_as(path) or '<unknown>'}; use a checkpoint of this run, or the run "
-            f"the checkpoint belongs to."
+            f"model {run_model_name(path) or '<unknown>'}; use a checkpoint of this run, or the "
+            f"run the checkpoint belongs to."
         )
     model.load_state_dict(state)
     return ckpt
@@ -145,7 +152,7 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
         raise CheckpointError(
             f"init_from={path}: its backbone does not match model {model_name}: {backbone}. "
             f"Fine-tuning needs the architecture the checkpoint was trained with (only the "
-            f"number of classes may change): set model={_trained_as(path) or '<that model>'}."
+            f"number of classes may change): set model={run_model_name(path) or '<that model>'}."
         )
     fresh = sorted({k for k, _, _ in diff.shapes} | set(diff.missing))
     copied = {k: v for k, v in state.items() if k not in fresh and k not in diff.unexpected}

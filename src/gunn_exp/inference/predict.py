@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gunn_exp.inference import Run, Skipped, image_batches, pooled_features, predict_log_probs
+from gunn_exp.inference.run import Run, Skipped, image_batches, pooled_features, predict_log_probs
 
 BATCH_SIZE = 64
 

@@ -9,14 +9,14 @@ computes the same function with the same weights, and only the reference one is 
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from gunn_exp.inference import Run
+from gunn_exp import rundir
+from gunn_exp.inference.run import Run
 from gunn_exp.models import GunnLayer
 
 TORCHSCRIPT = "model.ts"
@@ -83,9 +83,7 @@ def export_run(
     if "onnx" in formats:
         written.append(export_onnx(model, example, out_dir / ONNX))
     written.append(run.preprocessing.save(out_dir))
-    classes = out_dir / "classes.json"
-    classes.write_text(json.dumps(run.classes))
-    written.append(classes)
+    written.append(rundir.write_json(out_dir / rundir.CLASSES, run.classes, sort_keys=False))
     return written
 
 

@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gunn_exp.complexity import count_macs, count_params, saved_activation_bytes
+from gunn_exp.analysis.complexity import count_macs, count_params, saved_activation_bytes
 from gunn_exp.data.gpu_augment import augment
 from gunn_exp.models import GunnLayer, create_model
 

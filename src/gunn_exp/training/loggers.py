@@ -1,7 +1,9 @@
-"""Experiment-logger extras Lightning does not do for us: wandb sweep groups, config, plots."""
+"""Experiment-logger extras Lightning does not do for us: wandb sweep groups, one wandb run per
+run directory across resumes, the config as hyper-parameters, plots."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from gunn_exp import rundir
 
 
 def sweep_group() -> str | None:
@@ -25,6 +30,27 @@ def wandb_group(cfg: DictConfig) -> str | None:
     """Resolver-free default for `logger.wandb.group`: explicit value, else the sweep's name."""
     explicit = OmegaConf.select(cfg, "logger.wandb.group")
     return explicit if explicit is not None else sweep_group()
+
+
+def wandb_resume_kwargs(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """`id`/`resume` for the WandbLogger so a resumed run continues the same wandb run.
+
+    The id is made once per run directory and kept in `wandb_id.txt` beside the checkpoints;
+    `resume="allow"` continues that run if wandb knows it and starts it otherwise. An explicit
+    `logger.wandb.id` wins.
+    """
+    if OmegaConf.select(cfg, "logger.wandb._target_") is None:
+        return {}
+    explicit = OmegaConf.select(cfg, "logger.wandb.id")
+    if explicit:
+        return {"id": explicit, "resume": "allow"}
+    id_file = run_dir / rundir.WANDB_ID
+    if id_file.is_file():
+        return {"id": id_file.read_text().strip(), "resume": "allow"}
+    run_id = secrets.token_hex(4)  # wandb's own ids are 8 lowercase alphanumerics too
+    if rank_zero_only.rank == 0:  # only rank 0 talks to wandb
+        rundir.atomic_write(id_file, run_id + "\n")
+    return {"id": run_id, "resume": "allow"}
 
 
 def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: training runs headless
 import matplotlib.pyplot as plt  # noqa: E402
+
+from gunn_exp import rundir  # noqa: E402
 
 Rows = Sequence[Mapping[str, float]]
 
@@ -45,9 +46,6 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

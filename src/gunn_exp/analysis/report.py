@@ -1,7 +1,7 @@
 """Collect finished runs into markdown tables and one figure, beside the paper's numbers.
 
-A run is the `results.json` a finished `train.py` run writes (see `gunn_exp.train`), plus its
-per-epoch `metrics.csv` when present. Runs of the same model, data and length are one group (a
+A run is the `results.json` a finished `train.py` run writes (see gunn_exp.training.train), plus
+its per-epoch `metrics.csv` when present. Runs of the same model, data and length are one group (a
 sweep over seeds): the tables give mean ± sample std over the group and its size n.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gunn_exp.results import read_metrics, read_results
+from gunn_exp import rundir
 
 Run = dict[str, Any]
 GroupKey = tuple[str, str, int]
@@ -62,16 +62,16 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
         if not matches:
             raise FileNotFoundError(f"report: {path} matches no file or directory.")
         for match in matches:
-            found = sorted(match.rglob("results.json")) if match.is_dir() else [match]
-            files.update((f.resolve(), None) for f in found if f.name == "results.json")
+            found = sorted(match.rglob(rundir.RESULTS)) if match.is_dir() else [match]
+            files.update((f.resolve(), None) for f in found if f.name == rundir.RESULTS)
     runs = [_load_run(f) for f in files]
     return sorted(runs, key=lambda r: (*group_key(r), _sortable(r.get("seed")), r["run_dir"]))
 
 
 def _load_run(results_file: Path) -> Run:
-    run = read_results(results_file)
+    run = rundir.read_results(results_file)
     run["run_dir"] = str(results_file.parent)
-    run["curve"] = read_metrics(results_file.parent / "metrics.csv")
+    run["curve"] = rundir.read_metrics(results_file.parent / rundir.METRICS)
     # The authors printed top-5 at the best top-1 epoch; results.json keeps only top-1's best.
     best = [r for r in run["curve"] if r.get("epoch") == run.get("best_val_epoch")]
     run["best_val_err5"] = best[0].get("val/err5") if best else None
@@ -245,7 +245,7 @@ def mean_curves(runs: Sequence[Run]) -> dict[str, list[dict[str, float]]]:
 def plot_runs(runs: Sequence[Run], path: str | Path, title: str = "") -> Path | None:
     """Loss (log scale) and top-1 error per epoch of every group (mean over its seeds) on one
     figure."""
-    from gunn_exp.plots import plot_curves  # matplotlib: only when a figure is asked for
+    from gunn_exp.analysis.plots import plot_curves  # matplotlib: only when a figure is asked for
 
     curves = mean_curves(runs)
     return plot_curves(curves, path, title=title, loss_scale="log") if curves else None

@@ -1,0 +1,1 @@
+"""Looking at models and runs: complexity, speed benchmarks, reports and plots."""

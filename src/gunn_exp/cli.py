@@ -1,0 +1,50 @@
+"""What every root script (train.py, eval.py, classify.py, ...) shares: where the project is,
+the config resolvers, log output, and ending with the exit status of `errors.exit_code`.
+
+Imports nothing heavy, so a script can validate its config before torch and Lightning load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gunn_exp.errors import exit_code, one_line
+
+
+def prepare(script: str, log_info: bool = False) -> None:
+    """Set PROJECT_ROOT to the script's folder (conf/paths uses it) and register resolvers.
+
+    `log_info`: argparse tools show gunn_exp's INFO lines (Hydra scripts configure logging
+    through conf/hydra instead).
+    """
+    os.environ.setdefault("PROJECT_ROOT", str(Path(script).resolve().parent))
+    from gunn_exp.training.schedules import register_resolvers
+
+    register_resolvers()
+    if log_info:
+        logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
+        logging.getLogger("gunn_exp").setLevel(logging.INFO)
+
+
+@contextmanager
+def exits_on_error() -> Iterator[None]:
+    """Turn a user-facing error into one line on stderr and its exit status (errors.py)."""
+    try:
+        yield
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise
+        print(one_line(err), file=sys.stderr)
+        sys.exit(code)
+
+
+def run(main: Callable[[], int]) -> int:
+    """The exit status of an argparse tool: what `main()` returns, or its error's (errors.py)."""
+    with exits_on_error():
+        return main()

@@ -1,0 +1,59 @@
+"""The errors a user can act on, and the one rule that turns them into an exit status.
+
+Every entry point (train.py, eval.py, classify.py, ...) ends through `exit_code`: bad input of any
+kind (a config value, a checkpoint, a run directory, missing data) exits 2 with one line
+`error: <message>`; a run stopped on purpose (a signal, a non-finite loss) exits with its own code
+and `stopped: <message>`. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong."""
+
+
+class RunError(ValueError):
+    """A run directory or checkpoint that cannot be used; the message says what to pass instead."""
+
+
+class RunStopped(RuntimeError):
+    """Training stopped on purpose; the message says why and how to go on."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NonFiniteLoss(RunStopped):
+    """The training loss became nan/inf."""
+
+
+class Interrupted(RunStopped):
+    """A signal (SIGTERM from SLURM or `kill`, SIGINT from Ctrl-C) stopped training."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message, exit_code=128 + signum)  # the shell's "killed by signal N"
+
+
+# FileNotFoundError: a data set or image folder that is not where the config says.
+BAD_INPUT = (ConfigError, CheckpointError, RunError, FileNotFoundError)
+BAD_INPUT_EXIT = 2
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit status for `err` (None: not a user-facing error, let it raise)."""
+    if isinstance(err, RunStopped):
+        return err.exit_code
+    if isinstance(err, BAD_INPUT):
+        return BAD_INPUT_EXIT
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The line printed for an error `exit_code` knows."""
+    return f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}"

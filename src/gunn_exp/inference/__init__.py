@@ -1,0 +1,1 @@
+"""Using a finished run: load it as a model, predict, evaluate, export."""
