@@ -1,4 +1,4 @@
-"""Every GUNN implementation under every kind of BatchNorm, with `reference` as the oracle (issue 11).
+"""Every GUNN implementation under every kind of BatchNorm, `reference` the oracle (issue 11).
 
 One value per channel, frozen (torchvision's and timm's FrozenBatchNorm2d), eval-mode BatchNorm in
 a training model, BatchNorm subclasses and untracked BatchNorm, and SyncBatchNorm across two real
