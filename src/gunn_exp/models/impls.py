@@ -242,11 +242,27 @@ def _bn_forward(
     return out, mean, invstd
 
 
-def _bn_relu(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """relu(BatchNorm(t)) with given statistics, in t's dtype (BatchNorm's output dtype)."""
+def _bn_affine(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of BatchNorm with given statistics: BN(t) = t * scale + shift per channel.
+
+    Elementwise, so one call serves the stacked statistics of every unit of a layer.
+    """
     scale = invstd * weight
-    shift = bias - mean * scale
+    return scale, bias - mean * scale
+
+
+def _affine_relu(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(t * scale + shift) per channel, in t's dtype (BatchNorm's output dtype)."""
     return torch.relu_(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
+
+
+def _cast_all(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """`[t.to(dtype) for t in tensors]` as one foreach copy: one operator, not one per tensor."""
+    if all(t.dtype == dtype for t in tensors):
+        return list(tensors)
+    out = [torch.empty_like(t, dtype=dtype) for t in tensors]
+    torch._foreach_copy_(out, list(tensors))
+    return out
 
 
 def _bn_backward(
@@ -345,6 +361,11 @@ class _Spec:
         self.eps = [bn.eps for bn in bns]
 
 
+def _conv_weights(flat: Sequence[Tensor], i: int, per: int = _TENSORS_PER_UNIT) -> list[Tensor]:
+    """Unit i's three conv weights in a flat list of `per` tensors per unit."""
+    return list(flat[i * per : i * per + 3])
+
+
 def _unit_tensors(units: Sequence[GunnUnit]) -> list[Tensor]:
     """The Function's tensor inputs, `_TENSORS_PER_UNIT` per unit (see `_PARAMS_PER_UNIT`)."""
     flat: list[Tensor] = []
@@ -367,23 +388,25 @@ class _GunnLayerFunction(torch.autograd.Function):
         buf = x.clone(memory_format=fmt)
         params: list[Tensor] = []
         saved: list[Tensor] = []
+        convs = _cast_all([w for i in range(spec.segments) for w in _conv_weights(flat, i)], dt)
         with torch.autocast(x.device.type, enabled=False):
             for i in range(spec.segments):
                 unit = flat[i * _TENSORS_PER_UNIT : (i + 1) * _TENSORS_PER_UNIT]
-                w_in, w_mid, w_out, g_in, b_in, g_mid, b_mid, g_out, b_out = unit[:9]
+                g_in, b_in, g_mid, b_mid, g_out, b_out = unit[3:9]
+                w_in, w_mid, w_out = convs[3 * i : 3 * i + 3]
                 r_in, r_mid, r_out = unit[9:11], unit[11:13], unit[13:15]
                 mom, eps = spec.momenta[3 * i : 3 * i + 3], spec.eps[3 * i : 3 * i + 3]
                 train, group = spec.training[3 * i : 3 * i + 3], spec.groups[3 * i : 3 * i + 3]
                 z = (buf if spec.gradual else x).to(dt)
-                a = _conv1x1(z, w_in.to(dt))
+                a = _conv1x1(z, w_in)
                 a_bn, mean_in, inv_in = _bn_forward(
                     a, g_in, b_in, r_in, mom[0], eps[0], train[0], spec, group[0]
                 )
-                m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid.to(dt), padding=1)
+                m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid, padding=1)
                 m_bn, mean_mid, inv_mid = _bn_forward(
                     m, g_mid, b_mid, r_mid, mom[1], eps[1], train[1], spec, group[1]
                 )
-                c = _conv1x1(torch.relu_(m_bn), w_out.to(dt))
+                c = _conv1x1(torch.relu_(m_bn), w_out)
                 c_bn, mean_out, inv_out = _bn_forward(
                     c, g_out, b_out, r_out, mom[2], eps[2], train[2], spec, group[2]
                 )
@@ -408,10 +431,28 @@ class _GunnLayerFunction(torch.autograd.Function):
         grad_state = grad_y.clone(memory_format=ctx.format)  # dL/dz_{i+1} -> dL/dz_i -> dL/dx
         state = y.clone(memory_format=ctx.format) if spec.gradual else x  # z_{i+1} -> z_i
         grads: list[Tensor | None] = [None] * (k * _TENSORS_PER_UNIT)
+        # Per-layer work done once for all units, not once per unit (fewer, larger operators):
+        # the conv weights in the compute dtype, and the (scale, shift) with which bn_in's first
+        # 2o channels and bn_mid are recomputed from the saved statistics.
+        convs = _cast_all([w for i in range(k) for w in _conv_weights(params, i, per=9)], dt)
+
+        def by_unit(
+            items: Sequence[Tensor], per: int, a_in: int, a_mid: int, b_in: int, b_mid: int
+        ):
+            """(K, 2, 4o): per unit, quantities a and b of [bn_in's first 2o channels, bn_mid]."""
+            parts = []
+            for i in range(k):
+                u = items[i * per : (i + 1) * per]
+                parts += [u[a_in][:hid], u[a_mid], u[b_in][:hid], u[b_mid]]
+            return torch.cat(parts).view(k, 2, 2 * hid)
+
+        stats = by_unit(saved, per_unit, 0, 2, 1, 3)  # (mean, invstd)
+        affine = by_unit(params, _PARAMS_PER_UNIT, 3, 5, 4, 6)  # (gamma, beta)
+        scale, shift = _bn_affine(stats[:, 0], stats[:, 1], affine[:, 0], affine[:, 1])
         for i in reversed(range(k)):
             p = params[i * _PARAMS_PER_UNIT : (i + 1) * _PARAMS_PER_UNIT]
-            w_in, w_mid, w_out = (w.to(dt) for w in p[:3])
-            g_in, b_in, g_mid, b_mid, g_out = p[3:8]
+            w_in, w_mid, w_out = convs[3 * i : 3 * i + 3]
+            g_in, g_mid, g_out = p[3], p[5], p[7]
             mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out, *kept_list = saved[
                 i * per_unit : (i + 1) * per_unit
             ]
@@ -427,9 +468,9 @@ class _GunnLayerFunction(torch.autograd.Function):
             z = state.to(dt)
             # Recompute what was not kept; BatchNorm uses the saved statistics.
             a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
-            h1 = _bn_relu(a[:, :hid], mean_in[:hid], inv_in[:hid], g_in[:hid], b_in[:hid])
+            h1 = _affine_relu(a[:, :hid], scale[i, :hid], shift[i, :hid])
             m = kept["m"] if "m" in kept else F.conv2d(h1, w_mid, padding=1)
-            h2 = _bn_relu(m, mean_mid, inv_mid, g_mid, b_mid)
+            h2 = _affine_relu(m, scale[i, hid:], shift[i, hid:])
             c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
             # Backpropagate dL/dy_i through G_i, in reverse order of its forward.
             g_c, d_g_out, d_b_out = _bn_backward(

@@ -94,6 +94,7 @@ def _main() -> None:
     parser.add_argument("--size", type=int, default=32, help="input height and width")
     parser.add_argument("--impls", nargs="*", default=sorted(IMPLEMENTATIONS))
     parser.add_argument("--optimizer", choices=["none", "loop", "foreach"], default="foreach")
+    parser.add_argument("--bf16", action="store_true", help="under bfloat16 autocast")
     parser.add_argument("--top", type=int, default=0, help="print the N most frequent operators")
     args = parser.parse_args()
     for impl in args.impls:
@@ -110,9 +111,10 @@ def _main() -> None:
                 foreach=args.optimizer == "foreach",
             )
         x = torch.randn(args.batch, 3, args.size, args.size)
-        count_launching_ops(model, x, optimizer=opt)  # first step: momentum buffers are created
-        counter = LaunchCounter()
-        n = count_launching_ops(model, x, optimizer=opt, counter=counter)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            count_launching_ops(model, x, optimizer=opt)  # first step creates momentum buffers
+            counter = LaunchCounter()
+            n = count_launching_ops(model, x, optimizer=opt, counter=counter)
         print(f"{args.model} {impl}: {n} launching ops ({counter.total} in all)")
         for name, k in counter.by_op.most_common(args.top):
             print(f"    {k:6d} {name}")
