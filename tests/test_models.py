@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from gunn_exp.models import Gunn, create_model, list_models
+from gunn_exp.models import Gunn, GunnUnit, create_model, list_models
 from gunn_exp.models.resnet_cifar import ResNetCifar
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -120,10 +120,17 @@ def test_init_follows_spec(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name)
     standardised = []
+    # GunnUnit's fused first conv is two convs (bottleneck, projection), each with its own fan_out.
+    blocks = {
+        m.conv_in: [m.hidden] + ([m.width] if m.projection else [])
+        for m in model.modules()
+        if isinstance(m, GunnUnit)
+    }
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-            standardised.append(m.weight.detach().flatten() / math.sqrt(2.0 / fan_out))
+            for w in m.weight.detach().split(blocks.get(m, [m.out_channels])):
+                fan_out = w.shape[0] * m.kernel_size[0] * m.kernel_size[1]
+                standardised.append(w.flatten() / math.sqrt(2.0 / fan_out))
         elif isinstance(m, nn.BatchNorm2d):
             assert torch.equal(m.weight, torch.ones_like(m.weight))
             assert not m.bias.any()

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from gunn_exp.models.layer import GunnLayer
+from gunn_exp.models.layer import GunnLayer, GunnUnit
 
 STEMS = ("cifar", "imagenet")
 POOLS = ("before", "after")
@@ -31,10 +31,12 @@ def conv_bn_relu(in_chans: int, out_chans: int, kernel: int = 1, stride: int = 1
     )
 
 
-def init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
     """SPEC §2 init: convs kaiming normal (fan_out, relu); BN weight 1, bias 0; Linear bias 0.
 
-    Linear weights keep PyTorch's default init, as in the authors' Torch7 code.
+    Linear weights keep PyTorch's default init, as in the authors' Torch7 code. Each `GunnUnit`
+    then initialises itself (its fused first conv is two convs with their own fan_out), with the
+    gamma of its last BatchNorms zeroed if `zero_init_last` (see `GunnUnit.reset_parameters`).
     """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -44,6 +46,9 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
+    for m in model.modules():
+        if isinstance(m, GunnUnit):
+            m.reset_parameters(zero_init_last=zero_init_last)
 
 
 class ImageClassifier(nn.Module):
@@ -108,6 +113,8 @@ class Gunn(ImageClassifier):
         update: "gradual" (GUNN) or "simultaneous" (the SUNN ablation, SPEC §1).
         impl: GUNN layer implementation; None uses GunnLayer's default.
         drop_rate: dropout probability before the classifier.
+        zero_init_last: start every segment function G_i at 0 (gamma of its last BatchNorms 0),
+            a deviation from the authors' init (all gammas 1), which stays the default.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class Gunn(ImageClassifier):
         update: str = "gradual",
         impl: str | None = None,
         drop_rate: float = 0.0,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         # Hydra hands over ListConfigs; plain tuples keep repr, pickling and comparisons simple.
@@ -155,7 +163,7 @@ class Gunn(ImageClassifier):
         self.stages = nn.Sequential(*stages)
         self.head = nn.Identity() if head_width is None else conv_bn_relu(in_width, head_width)
         self._build_head(head_width or in_width, num_classes, drop_rate)
-        init_weights(self)
+        init_weights(self, zero_init_last)
 
     def gunn_layers(self) -> Iterator[GunnLayer]:
         """The GUNN layers in forward order (for switching implementations, profiling, ...)."""

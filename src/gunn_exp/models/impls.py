@@ -29,10 +29,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gunn_exp.models.layer import GunnUnit, register_impl
+from gunn_exp.models.layer import GunnUnit, reference_update, register_impl
 
 aten = torch.ops.aten
 
@@ -51,14 +52,31 @@ _TENSORS_PER_UNIT = 15
 _STATS_PER_UNIT = 6  # (mean, invstd) of bn_in, bn_mid, bn_out
 
 
-def _momentum(bn: nn.BatchNorm2d) -> float:
-    """Count the batch and return the running-average factor, as `_BatchNorm.forward` does."""
-    if not (bn.training and bn.track_running_stats):
-        return 0.0 if bn.momentum is None else bn.momentum
-    bn.num_batches_tracked.add_(1)
-    if bn.momentum is None:  # cumulative moving average
-        return 1.0 / float(bn.num_batches_tracked)
-    return bn.momentum
+def _momenta(bns: Sequence[nn.BatchNorm2d]) -> list[float]:
+    """Count the batch and return the running-average factors, as `_BatchNorm.forward` does.
+
+    The counters of the training BatchNorms are incremented by one foreach op, not one op each.
+    """
+    tracked = [bn.num_batches_tracked for bn in bns if bn.training]
+    if tracked:
+        torch._foreach_add_(tracked, 1)
+    momenta = []
+    for bn in bns:
+        if bn.momentum is None:  # cumulative moving average
+            momenta.append(1.0 / float(bn.num_batches_tracked) if bn.training else 0.0)
+        else:
+            momenta.append(bn.momentum)
+    return momenta
+
+
+def _sync_group(bn: nn.BatchNorm2d) -> Any:
+    """The process group whose statistics `bn` averages over, or None (SyncBatchNorm's rule)."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +187,28 @@ def _conv1x1_backward(
 # Whole-layer Function: in-place forward, recompute-what-was-not-kept backward.
 
 
+def _sync_batch_stats(t: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel (mean, biased variance, count) over the batches of every rank in `group`.
+
+    Each rank sends its (mean, sum of squared deviations, count) and combines the gathered ones
+    with Chan's parallel formula: one collective per BatchNorm, as SyncBatchNorm, and no
+    cancellation of large sums. Ranks may hold different batch sizes.
+    """
+    c = t.shape[1]
+    tf = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    var, mean = torch.var_mean(tf, dim=(0, 2, 3), correction=0)
+    count = torch.full((1,), t.numel() // c, dtype=mean.dtype, device=mean.device)
+    local = torch.cat([mean, var * count, count])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    stats = torch.stack(gathered)  # (ranks, 2C + 1)
+    means, m2s, counts = stats[:, :c], stats[:, c : 2 * c], stats[:, 2 * c :]
+    total = counts.sum()
+    mean = (means * counts).sum(0) / total
+    var = (m2s + counts * (means - mean).square()).sum(0) / total
+    return mean, var, total
+
+
 def _bn_forward(
     t: Tensor,
     weight: Tensor,
@@ -177,13 +217,23 @@ def _bn_forward(
     momentum: float,
     eps: float,
     training: bool,
+    spec: _Spec,
+    group: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BatchNorm forward: (output, mean, invstd); updates the running statistics in training.
 
     In eval the statistics returned are the running ones (mean, 1/sqrt(var + eps)), so backward
-    has a single recompute path.
+    has a single recompute path. With a process `group` (SyncBatchNorm across ranks) the batch
+    statistics are those of the global batch; the global count is kept in `spec` for backward.
     """
     running_mean, running_var = running
+    if group is not None:
+        mean, var, total = _sync_batch_stats(t, group)
+        spec.count = total
+        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var * (total / (total - 1)), alpha=momentum)
+        out = aten.native_batch_norm(t, weight, bias, mean, var, False, 0.0, eps)[0]
+        return out, mean, torch.rsqrt(var + eps)
     out, mean, invstd = aten.native_batch_norm(
         t, weight, bias, running_mean, running_var, training, momentum, eps
     )
@@ -192,11 +242,27 @@ def _bn_forward(
     return out, mean, invstd
 
 
-def _bn_relu(t: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """relu(BatchNorm(t)) with given statistics, in t's dtype (BatchNorm's output dtype)."""
+def _bn_affine(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of BatchNorm with given statistics: BN(t) = t * scale + shift per channel.
+
+    Elementwise, so one call serves the stacked statistics of every unit of a layer.
+    """
     scale = invstd * weight
-    shift = bias - mean * scale
+    return scale, bias - mean * scale
+
+
+def _affine_relu(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(t * scale + shift) per channel, in t's dtype (BatchNorm's output dtype)."""
     return torch.relu_(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
+
+
+def _cast_all(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """`[t.to(dtype) for t in tensors]` as one foreach copy: one operator, not one per tensor."""
+    if all(t.dtype == dtype for t in tensors):
+        return list(tensors)
+    out = [torch.empty_like(t, dtype=dtype) for t in tensors]
+    torch._foreach_copy_(out, list(tensors))
+    return out
 
 
 def _bn_backward(
@@ -207,8 +273,27 @@ def _bn_backward(
     invstd: Tensor,
     eps: float,
     training: bool,
+    spec: _Spec,
+    group: Any,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of BatchNorm w.r.t. (input, weight, bias), given the statistics it used."""
+    """Gradients of BatchNorm w.r.t. (input, weight, bias), given the statistics it used.
+
+    With a process `group` the input gradient uses the global batch's reductions (all-reduced
+    here, as SyncBatchNorm does); the weight and bias gradients stay this rank's share, which
+    DistributedDataParallel sums like every other parameter gradient.
+    """
+    if group is not None:
+        xmu = t - mean[:, None, None]
+        sum_dy = grad.sum((0, 2, 3), dtype=mean.dtype)
+        sum_dy_xmu = (grad * xmu).sum((0, 2, 3), dtype=mean.dtype)
+        reduced = torch.cat([sum_dy, sum_dy_xmu])
+        dist.all_reduce(reduced, group=group)
+        mean_dy, mean_dy_xmu = (reduced / spec.count).chunk(2)
+        grad_t = (grad - mean_dy[:, None, None]) - xmu * (invstd.square() * mean_dy_xmu)[
+            :, None, None
+        ]
+        grad_t = (grad_t * (invstd * weight)[:, None, None]).to(t.dtype)
+        return grad_t, sum_dy_xmu * invstd, sum_dy.to(weight.dtype)
     if training:
         return aten.native_batch_norm_backward(
             grad, t, weight, None, None, mean, invstd, True, eps, [True, True, True]
@@ -227,10 +312,33 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _Spec:
-    """Static description of one layer call, shared by forward and backward."""
+# The BatchNorm and conv classes whose forward the whole-layer Function computes itself. Any other
+# module (FrozenBatchNorm2d keeps its affine map in buffers, a subclass may override forward) is
+# computed exactly only by the module itself, so such layers run `reference`'s path instead.
+_FUSABLE_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
-    def __init__(self, units: Sequence[GunnUnit], gradual: bool, keep: tuple[str, ...]) -> None:
+
+def _fusable(units: Sequence[GunnUnit]) -> bool:
+    """Whether the whole-layer Function computes these units exactly (see `_FUSABLE_BN`)."""
+    for u in units:
+        if any(type(conv) is not nn.Conv2d for conv in (u.conv_in, u.conv_mid, u.conv_out)):
+            return False
+        for bn in (u.bn_in, u.bn_mid, u.bn_out):
+            if type(bn) not in _FUSABLE_BN or not (bn.affine and bn.track_running_stats):
+                return False
+    return True
+
+
+class _Spec:
+    """Static description of one layer call, shared by forward and backward.
+
+    Each BatchNorm keeps its own mode (a frozen, eval-mode BatchNorm inside a training model
+    normalises with its running statistics and updates nothing, as in `reference`).
+    """
+
+    def __init__(
+        self, units: Sequence[GunnUnit], gradual: bool, keep: tuple[str, ...], x: Tensor
+    ) -> None:
         unit = units[0]
         bns = [bn for u in units for bn in (u.bn_in, u.bn_mid, u.bn_out)]
         self.segments = len(units)
@@ -239,11 +347,23 @@ class _Spec:
         self.projection = unit.projection
         self.gradual = gradual
         self.keep = keep
-        self.training = unit.training
-        if not all(bn.affine and bn.track_running_stats for bn in bns):
-            raise ValueError("GUNN whole-layer implementations need affine, tracked BatchNorm.")
-        self.momenta = [_momentum(bn) for bn in bns]
+        self.training = [bn.training for bn in bns]
+        self.groups = [_sync_group(bn) for bn in bns]
+        self.count: Tensor | None = None  # global batch count of synchronised BatchNorms
+        n, _, h, w = x.shape
+        local = [t and g is None for t, g in zip(self.training, self.groups, strict=True)]
+        if n * h * w == 1 and any(local):
+            size = torch.Size((n, unit.conv_in.out_channels, h, w))  # bn_in's input, as reference
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
+        self.momenta = _momenta(bns)
         self.eps = [bn.eps for bn in bns]
+
+
+def _conv_weights(flat: Sequence[Tensor], i: int, per: int = _TENSORS_PER_UNIT) -> list[Tensor]:
+    """Unit i's three conv weights in a flat list of `per` tensors per unit."""
+    return list(flat[i * per : i * per + 3])
 
 
 def _unit_tensors(units: Sequence[GunnUnit]) -> list[Tensor]:
@@ -262,25 +382,34 @@ class _GunnLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, x: Tensor, *flat: Tensor) -> Tensor:
-        o, hid, train = spec.width, spec.hidden, spec.training
+        o, hid = spec.width, spec.hidden
         dt = _compute_dtype(x)
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         buf = x.clone(memory_format=fmt)
         params: list[Tensor] = []
         saved: list[Tensor] = []
+        convs = _cast_all([w for i in range(spec.segments) for w in _conv_weights(flat, i)], dt)
         with torch.autocast(x.device.type, enabled=False):
             for i in range(spec.segments):
                 unit = flat[i * _TENSORS_PER_UNIT : (i + 1) * _TENSORS_PER_UNIT]
-                w_in, w_mid, w_out, g_in, b_in, g_mid, b_mid, g_out, b_out = unit[:9]
+                g_in, b_in, g_mid, b_mid, g_out, b_out = unit[3:9]
+                w_in, w_mid, w_out = convs[3 * i : 3 * i + 3]
                 r_in, r_mid, r_out = unit[9:11], unit[11:13], unit[13:15]
                 mom, eps = spec.momenta[3 * i : 3 * i + 3], spec.eps[3 * i : 3 * i + 3]
+                train, group = spec.training[3 * i : 3 * i + 3], spec.groups[3 * i : 3 * i + 3]
                 z = (buf if spec.gradual else x).to(dt)
-                a = _conv1x1(z, w_in.to(dt))
-                a_bn, mean_in, inv_in = _bn_forward(a, g_in, b_in, r_in, mom[0], eps[0], train)
-                m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid.to(dt), padding=1)
-                m_bn, mean_mid, inv_mid = _bn_forward(m, g_mid, b_mid, r_mid, mom[1], eps[1], train)
-                c = _conv1x1(torch.relu_(m_bn), w_out.to(dt))
-                c_bn, mean_out, inv_out = _bn_forward(c, g_out, b_out, r_out, mom[2], eps[2], train)
+                a = _conv1x1(z, w_in)
+                a_bn, mean_in, inv_in = _bn_forward(
+                    a, g_in, b_in, r_in, mom[0], eps[0], train[0], spec, group[0]
+                )
+                m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid, padding=1)
+                m_bn, mean_mid, inv_mid = _bn_forward(
+                    m, g_mid, b_mid, r_mid, mom[1], eps[1], train[1], spec, group[1]
+                )
+                c = _conv1x1(torch.relu_(m_bn), w_out)
+                c_bn, mean_out, inv_out = _bn_forward(
+                    c, g_out, b_out, r_out, mom[2], eps[2], train[2], spec, group[2]
+                )
                 if spec.projection:
                     c_bn.add_(a_bn[:, hid:])
                 buf[:, i * o : (i + 1) * o].add_(c_bn)  # y_i = x_i + G_i(z_i), over x_i
@@ -295,22 +424,41 @@ class _GunnLayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         spec: _Spec = ctx.spec
-        o, hid, k, train, dt = spec.width, spec.hidden, spec.segments, spec.training, ctx.dtype
+        o, hid, k, dt = spec.width, spec.hidden, spec.segments, ctx.dtype
         x, y, *rest = ctx.saved_tensors
         params, saved = rest[: k * _PARAMS_PER_UNIT], rest[k * _PARAMS_PER_UNIT :]
         per_unit = _STATS_PER_UNIT + len(spec.keep)
         grad_state = grad_y.clone(memory_format=ctx.format)  # dL/dz_{i+1} -> dL/dz_i -> dL/dx
         state = y.clone(memory_format=ctx.format) if spec.gradual else x  # z_{i+1} -> z_i
         grads: list[Tensor | None] = [None] * (k * _TENSORS_PER_UNIT)
+        # Per-layer work done once for all units, not once per unit (fewer, larger operators):
+        # the conv weights in the compute dtype, and the (scale, shift) with which bn_in's first
+        # 2o channels and bn_mid are recomputed from the saved statistics.
+        convs = _cast_all([w for i in range(k) for w in _conv_weights(params, i, per=9)], dt)
+
+        def by_unit(
+            items: Sequence[Tensor], per: int, a_in: int, a_mid: int, b_in: int, b_mid: int
+        ):
+            """(K, 2, 4o): per unit, quantities a and b of [bn_in's first 2o channels, bn_mid]."""
+            parts = []
+            for i in range(k):
+                u = items[i * per : (i + 1) * per]
+                parts += [u[a_in][:hid], u[a_mid], u[b_in][:hid], u[b_mid]]
+            return torch.cat(parts).view(k, 2, 2 * hid)
+
+        stats = by_unit(saved, per_unit, 0, 2, 1, 3)  # (mean, invstd)
+        affine = by_unit(params, _PARAMS_PER_UNIT, 3, 5, 4, 6)  # (gamma, beta)
+        scale, shift = _bn_affine(stats[:, 0], stats[:, 1], affine[:, 0], affine[:, 1])
         for i in reversed(range(k)):
             p = params[i * _PARAMS_PER_UNIT : (i + 1) * _PARAMS_PER_UNIT]
-            w_in, w_mid, w_out = (w.to(dt) for w in p[:3])
-            g_in, b_in, g_mid, b_mid, g_out = p[3:8]
+            w_in, w_mid, w_out = convs[3 * i : 3 * i + 3]
+            g_in, g_mid, g_out = p[3], p[5], p[7]
             mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out, *kept_list = saved[
                 i * per_unit : (i + 1) * per_unit
             ]
             kept = dict(zip(spec.keep, kept_list, strict=True))
             eps = spec.eps[3 * i : 3 * i + 3]
+            train, group = spec.training[3 * i : 3 * i + 3], spec.groups[3 * i : 3 * i + 3]
             seg = slice(i * o, (i + 1) * o)
             if spec.gradual:
                 state[:, seg].copy_(x[:, seg])  # z_i = cat(y_<i, x_>=i)
@@ -320,17 +468,25 @@ class _GunnLayerFunction(torch.autograd.Function):
             z = state.to(dt)
             # Recompute what was not kept; BatchNorm uses the saved statistics.
             a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
-            h1 = _bn_relu(a[:, :hid], mean_in[:hid], inv_in[:hid], g_in[:hid], b_in[:hid])
+            h1 = _affine_relu(a[:, :hid], scale[i, :hid], shift[i, :hid])
             m = kept["m"] if "m" in kept else F.conv2d(h1, w_mid, padding=1)
-            h2 = _bn_relu(m, mean_mid, inv_mid, g_mid, b_mid)
+            h2 = _affine_relu(m, scale[i, hid:], shift[i, hid:])
             c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
             # Backpropagate dL/dy_i through G_i, in reverse order of its forward.
             g_c, d_g_out, d_b_out = _bn_backward(
-                grad_out, c, g_out, mean_out, inv_out, eps[2], train
+                grad_out, c, g_out, mean_out, inv_out, eps[2], train[2], spec, group[2]
             )
             d_w_out, g_h2 = _conv1x1_backward(g_c, h2, w_out)
             g_m, d_g_mid, d_b_mid = _bn_backward(
-                aten.threshold_backward(g_h2, h2, 0), m, g_mid, mean_mid, inv_mid, eps[1], train
+                aten.threshold_backward(g_h2, h2, 0),
+                m,
+                g_mid,
+                mean_mid,
+                inv_mid,
+                eps[1],
+                train[1],
+                spec,
+                group[1],
             )
             g_h1, d_w_mid, _ = aten.convolution_backward(
                 g_m,
@@ -351,7 +507,9 @@ class _GunnLayerFunction(torch.autograd.Function):
             aten.threshold_backward.grad_input(g_h1, h1, 0, grad_input=g_a_bn[:, :hid])
             if spec.projection:
                 g_a_bn[:, hid:].copy_(grad_out)
-            g_a, d_g_in, d_b_in = _bn_backward(g_a_bn, a, g_in, mean_in, inv_in, eps[0], train)
+            g_a, d_g_in, d_b_in = _bn_backward(
+                g_a_bn, a, g_in, mean_in, inv_in, eps[0], train[0], spec, group[0]
+            )
             d_w_in, _ = _conv1x1_backward(g_a, z, w_in, into=grad_state)  # dL/dz_i
             base = i * _TENSORS_PER_UNIT  # gradients in `_unit_tensors` order; none for buffers
             grads[base : base + _PARAMS_PER_UNIT] = [
@@ -370,10 +528,15 @@ class _GunnLayerFunction(torch.autograd.Function):
 
 def _whole_layer_impl(keep: tuple[str, ...]):
     def update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
-        spec = _Spec(units, update == "gradual", keep)
+        if not _fusable(units):
+            return reference_update(x, units, update)
+        spec = _Spec(units, update == "gradual", keep, x)
         return _GunnLayerFunction.apply(spec, x, *_unit_tensors(units))
 
-    update.__doc__ = f"Whole-layer Function keeping {keep or 'no'} conv outputs per segment."
+    update.__doc__ = (
+        f"Whole-layer Function keeping {keep or 'no'} conv outputs per segment "
+        "(`reference`'s path for BatchNorm or conv modules it does not fuse, see `_fusable`)."
+    )
     return update
 
 

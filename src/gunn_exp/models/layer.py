@@ -12,6 +12,7 @@ plain, obviously correct loop and is the oracle the tests compare every other on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,9 +27,11 @@ DEFAULT_IMPL = "recompute"
 class GunnUnit(nn.Module):
     """One update function G_i: C channels in, o = C/K channels out (SPEC §1 bottleneck).
 
-    The first 1x1 conv and the CIFAR projection branch read the same z_i, so they are stored as one
-    C -> 2o(+o) conv with a per-channel BatchNorm. That is exactly the two separate Conv-BN pairs of
-    the paper (same parameters, same outputs) and saves one pass over z_i.
+    The first 1x1 conv (C -> 2o) and the CIFAR projection branch (C -> o) read the same z_i, so
+    they are stored as one C -> 2o(+o) conv `conv_in` with a per-channel BatchNorm `bn_in`: the
+    same function and parameter count as the paper's two Conv-BN pairs, with one pass over z_i.
+    Only the parameter layout differs (rows [0, 2o) are the bottleneck conv, rows [2o, 3o) the
+    projection), which is why `reset_parameters` initialises each block of rows as its own conv.
     """
 
     def __init__(self, channels: int, width: int, projection: bool = True) -> None:
@@ -44,6 +47,28 @@ class GunnUnit(nn.Module):
         self.bn_mid = nn.BatchNorm2d(hidden)
         self.conv_out = nn.Conv2d(hidden, width, 1, bias=False)
         self.bn_out = nn.BatchNorm2d(width)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, zero_init_last: bool = False) -> None:
+        """The authors' init (gunn-15.lua): every conv kaiming normal, fan_out, relu; BN (1, 0).
+
+        Each conv fused into `conv_in` gets its own fan_out: std sqrt(2 / 2o) for the bottleneck
+        rows and sqrt(2 / o) for the projection rows, not sqrt(2 / 3o) for the fused conv.
+        `zero_init_last` (a deviation from the authors, as timm and torchvision do for residual
+        branches) zeroes the gamma of the BatchNorms that end G_i (bn_out and the projection's
+        channels of bn_in), so G_i starts at 0 and the layer at the identity.
+        """
+        rows = [self.hidden] + ([self.width] if self.projection else [])
+        for block in self.conv_in.weight.split(rows):
+            block.normal_(0.0, math.sqrt(2.0 / block.shape[0]))  # 1x1: fan_out = out channels
+        for conv in (self.conv_mid, self.conv_out):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        for bn in (self.bn_in, self.bn_mid, self.bn_out):
+            bn.reset_parameters()  # weight 1, bias 0, running statistics (0, 1)
+        if zero_init_last:
+            self.bn_out.weight.zero_()
+            self.bn_in.weight[self.hidden :].zero_()
 
     def forward(self, z: Tensor) -> Tensor:
         a = self.bn_in(self.conv_in(z))
