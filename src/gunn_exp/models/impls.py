@@ -23,6 +23,20 @@ does; they differ in what they keep for backward and what they recompute:
 
 The simultaneous update (SUNN) works in every implementation; there every z_i is x itself.
 Under autocast the whole-layer Function computes G_i in the autocast dtype, like `"reference"`.
+
+BatchNorm, as the modules would do it: each BatchNorm keeps its own train/eval mode (a frozen,
+eval-mode BatchNorm in a training model uses and keeps its running statistics); a training
+BatchNorm with one value per channel raises PyTorch's error; `nn.SyncBatchNorm` across processes
+is synchronised inside the Function (global batch statistics forward, all-reduced gradient
+reductions backward, as SyncBatchNorm does), on any device, so `trainer.sync_batchnorm=true` keeps
+the fast path. Modules the Function does not compute itself (FrozenBatchNorm2d, BatchNorm
+subclasses, untracked or non-affine BatchNorm, conv subclasses) make the layer run `"reference"`'s
+path instead (see `_fusable`).
+
+Kernel count: per-layer work is done once for all K units where it can be (one foreach update of
+the batch counters, one foreach cast of the conv weights under autocast, the BatchNorm recompute
+affines of all units in a few operators), since on a GPU every launched operator costs
+microseconds; `gunn_exp.models.opcount` counts them.
 """
 
 from __future__ import annotations
