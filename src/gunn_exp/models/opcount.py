@@ -85,6 +85,13 @@ def count_launching_ops(
     return counter.count
 
 
+_OPTIMIZER_FLAGS = {
+    "loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+
 def _main() -> None:
     from gunn_exp.models import IMPLEMENTATIONS, create_model
 
@@ -93,7 +100,9 @@ def _main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=32, help="input height and width")
     parser.add_argument("--impls", nargs="*", default=sorted(IMPLEMENTATIONS))
-    parser.add_argument("--optimizer", choices=["none", "loop", "foreach"], default="foreach")
+    parser.add_argument(
+        "--optimizer", choices=["none", "loop", "foreach", "fused"], default="foreach"
+    )
     parser.add_argument("--bf16", action="store_true", help="under bfloat16 autocast")
     parser.add_argument("--top", type=int, default=0, help="print the N most frequent operators")
     args = parser.parse_args()
@@ -108,7 +117,7 @@ def _main() -> None:
                 momentum=0.9,
                 nesterov=True,
                 weight_decay=1e-4,
-                foreach=args.optimizer == "foreach",
+                **_OPTIMIZER_FLAGS[args.optimizer],
             )
         x = torch.randn(args.batch, 3, args.size, args.size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
