@@ -14,8 +14,8 @@ def main(cfg: DictConfig) -> float | None:
 
     with cli.exits_on_error():
         results = train(cfg)
-    # Returned for sweepers (e.g. Optuna) that minimise a metric.
-    return results.get("best_val_err1")
+    # What a sweeper (e.g. Optuna) minimises: the metric conf/train.yaml names.
+    return results["metrics"].get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,20 @@ def _impl_names() -> list[Any]:
     return [None, *sorted(IMPLEMENTATIONS)]
 
 
+# The names ClassificationModule logs during fit; `optimized_metric` must be one of them (test
+# metrics are not: choosing a model on the test set would make its test error meaningless).
+METRICS = [
+    *(f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "err1", "err5")),
+    "val/err1_best",
+]
+
 # key -> (predicate, what a valid value looks like). Keys absent from a config are skipped.
 CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str] | str]] = {
     "seed": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "optimized_metric": (
+        _one_of(lambda: METRICS),
+        f"a logged metric to minimise, one of {METRICS}",
+    ),
     "model.name": (_one_of(_model_names), lambda: f"one of {_model_names()}"),
     "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
     "model.impl": (_one_of(_impl_names), lambda: f"one of {_impl_names()}"),

@@ -18,7 +18,6 @@ from gunn_exp import rundir
 from gunn_exp.config import validate_config
 from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.weights import init_from_checkpoint
-from gunn_exp.training.callbacks import EpochSummary
 from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
 from gunn_exp.training.launch import (
     check_rank_run_dirs,
@@ -92,12 +91,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_time = time.perf_counter() - start
+    fit = _metrics(trainer)  # the last epoch's values (trainer.test starts a new set)
     # The final weights are tested (the best epoch's validation error is reported beside them).
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
-    rows = next((cb.rows for cb in callbacks if isinstance(cb, EpochSummary)), [])
-    val_rows = [r for r in rows if "val/err1" in r]
-    best = min(val_rows, key=lambda r: r["val/err1"], default=None)
     results = {
         "model": cfg.model.name,
         "data": cfg.data.name,
@@ -108,12 +105,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test_err1": test.get("test/err1"),
         "test_err5": test.get("test/err5"),
         "test_loss": test.get("test/loss"),
-        "best_val_err1": best["val/err1"] if best else None,
-        "best_val_epoch": int(best["epoch"]) if best else None,
-        "final_val_err1": val_rows[-1]["val/err1"] if val_rows else None,
-        "final_val_err5": val_rows[-1].get("val/err5") if val_rows else None,
+        "best_val_err1": module.best_val_err1,
+        "best_val_epoch": int(module.best_val_epoch) or None,
+        "final_val_err1": fit.get("val/err1"),
+        "final_val_err5": fit.get("val/err5"),
         "output_dir": str(output_dir),
-        "tags": list(cfg.get("tags") or []),
+        "tags": list(cfg.tags),
+        "metrics": {**fit, **test},  # every metric by its logged name: optimized_metric's source
     }
     if trainer.is_global_zero:
         # Class names let a run directory classify images on its own (see classify.py).
@@ -125,6 +123,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info(line)
     log_rank_results(trainer, results)
     return results
+
+
+def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The values logged last, by name (e.g. val/err1, val/err1_best)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def print_config(cfg: DictConfig, fields: Sequence[str]) -> None:
