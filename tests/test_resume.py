@@ -168,7 +168,7 @@ def test_resolve_ckpt_path(tmp_path: Path) -> None:
 
 
 def test_wandb_run_id_is_kept_with_the_run_directory(tmp_path: Path) -> None:
-    assert wandb_resume_kwargs(compose_train("logger=csv"), tmp_path) == {}
+    assert wandb_resume_kwargs(compose_train("logger=none"), tmp_path) == {}
     cfg = compose_train("logger=wandb")
     first = wandb_resume_kwargs(cfg, tmp_path)
     assert first["resume"] == "allow" and first["id"]

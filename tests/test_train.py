@@ -31,6 +31,7 @@ def test_digits_run_writes_the_run_directory(run_train) -> None:
         "checkpoints/best.ckpt",
     ):
         assert (run_dir / name).is_file(), name
+    assert [p.name for p in run_dir.rglob("*.csv")] == ["metrics.csv"]  # one table per run
     results = json.loads((run_dir / "results.json").read_text())
     assert results.keys() >= RESULT_KEYS
     assert results["model"] == "gunn_mini" and results["data"] == "digits"
