@@ -52,33 +52,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config", True):
+    if cfg.print_config:
         print_config(cfg, ["data", "model", "optimizer", "scheduler", "trainer", "seed"])
-    if cfg.get("seed") is not None:
+    if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: torch.nn.Module = instantiate(cfg.model)
-    if cfg.get("init_from"):  # fine-tuning: start from another run's weights (inference/weights.py)
+    if cfg.init_from:  # fine-tuning: start from another run's weights (inference/weights.py)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"model {cfg.model.name}: {params:,} parameters")
     module = ClassificationModule(
         model=model,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        channels_last=cfg.get("channels_last", False),
-        compile=cfg.get("compile", False),
-        compile_mode=cfg.get("compile_mode"),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
     )
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume changes nothing
         check_resumable(ckpt_path, model, cfg.model.name)
     if rank_zero_only.rank == 0:
         rundir.save_config(cfg, output_dir)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_group(cfg.callbacks)
     loggers = instantiate_group(
-        cfg.get("logger"), group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
+        cfg.logger, group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
     )
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -98,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results = {
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "seed": cfg.get("seed"),
+        "seed": cfg.seed,
         "params": params,
         "epochs": trainer.current_epoch,
         "wall_time_s": round(wall_time, 2),
