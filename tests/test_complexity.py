@@ -25,7 +25,7 @@ def test_summarize_entry_point_reports_gunn15() -> None:
     out = run_entry("summarize.py", "model=gunn15", "data=cifar10").stdout
     assert "1,585,746" in out
     macs = int(re.search(r"Multiply-adds per image\D*([\d,]+)", out).group(1).replace(",", ""))
-    assert abs(macs / 0.556e9 - 1) < 0.02  # SPEC §2: about 0.556 G multiply-adds
+    assert abs(macs / 0.556e9 - 1) < 0.02  # docs/SPEC.md §2: about 0.556 G multiply-adds
     assert re.search(r"FLOPs per image \(2 x MACs\)\D*" + f"{2 * macs:,}", out)
     for stage in ("stem", "stage1", "stage2", "stage3", "head", "240x32x32", "360x8x8"):
         assert stage in out

@@ -4,7 +4,7 @@ Counting rules, stated once:
 - Multiply-adds (MACs) come from forward hooks on every Conv2d and Linear: a conv output element
   costs (in_channels / groups) x kernel area MACs, a Linear output element in_features. BatchNorm,
   ReLU, pooling and additions are not counted (the usual convention, and the one of the 0.556 G /
-  7.75 G figures of SPEC §2). FLOPs = 2 x MACs. GUNN layers are counted with the "reference"
+  7.75 G figures of docs/SPEC.md §2). FLOPs = 2 x MACs. GUNN layers are counted with the "reference"
   implementation: MACs belong to the architecture, and faster implementations may call the convs
   without going through the modules, where hooks cannot see them.
 - Activation memory is measured, not estimated, for the model's *current* implementation: one
@@ -28,7 +28,8 @@ from gunn_exp.models import GunnLayer, create_model
 
 @dataclass(frozen=True)
 class PaperModel:
-    """Where and how big the paper says a model is (SPEC §2, §4); None where it gives nothing."""
+    """Where and how big the paper says a model is (docs/SPEC.md §2, §4); None where it gives
+    nothing."""
 
     data: str
     num_classes: int

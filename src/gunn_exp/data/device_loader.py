@@ -13,7 +13,7 @@ API::
 
 `images`: (N, C, H, W) uint8 in [0, 255] (or float already scaled to [0, 1]); `labels`: (N,).
 `mean`, `std`: per-channel, on the [0, 1] scale (e.g. `transforms.cifar_stats("cifar10")`).
-`train=True`: reshuffle every epoch and augment (SPEC §3 flip, pad-crop, optional Jigsaw);
+`train=True`: reshuffle every epoch and augment (docs/SPEC.md §3 flip, pad-crop, optional Jigsaw);
 `train=False`: fixed order, normalise only. Seeds come from `derive_seed` (training/
 reproducibility.py): the epoch-e permutation from (seed, e), shared by all ranks; batch b's
 augmentation from (seed, e, rank, b), so a batch's crops and flips do not depend on the batches
