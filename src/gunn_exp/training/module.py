@@ -40,7 +40,7 @@ class ClassificationModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -72,7 +72,8 @@ class ClassificationModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        """Log the batch's loss and errors under `stage`; (loss, logits)."""
         x, y = batch
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -91,10 +92,10 @@ class ClassificationModule(pl.LightningModule):
             self.log(
                 f"{stage}/err{k}", metric, on_step=False, on_epoch=True, prog_bar=show and k == 1
             )
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -117,6 +118,8 @@ class ClassificationModule(pl.LightningModule):
         return float(self.val_err1_best.min_value) if self.best_val_epoch > 0 else None
 
     def configure_optimizers(self):  # noqa: ANN201 (Lightning's union return type)
+        if self.optimizer_factory is None:
+            raise RuntimeError("ClassificationModule(optimizer=None) evaluates only; pass one.")
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
