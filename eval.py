@@ -5,15 +5,17 @@ import hydra
 from omegaconf import DictConfig
 
 from gunn_exp import cli
+from gunn_exp.config import validate_config
 
 cli.prepare(__file__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from gunn_exp.inference.evaluate import evaluate
-
     with cli.exits_on_error():
+        validate_config(cfg, registry=False)  # a config error in seconds, before torch loads
+        from gunn_exp.inference.evaluate import evaluate
+
         evaluate(cfg)
 
 

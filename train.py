@@ -4,18 +4,20 @@ import hydra
 from omegaconf import DictConfig
 
 from gunn_exp import cli
+from gunn_exp.config import validate_config
 
 cli.prepare(__file__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from gunn_exp.training.train import train
-
     with cli.exits_on_error():
+        validate_config(cfg, registry=False)  # a config error in seconds, before torch loads
+        from gunn_exp.training.train import train
+
         results = train(cfg)
-    # Returned for sweepers (e.g. Optuna) that minimise a metric.
-    return results.get("best_val_err1")
+    # What a sweeper (e.g. Optuna) minimises: the metric conf/train.yaml names.
+    return results["metrics"].get(cfg.optimized_metric)
 
 
 if __name__ == "__main__":

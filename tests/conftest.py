@@ -38,15 +38,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def compose_train(*overrides: str, keep_hydra: bool = False) -> DictConfig:
+def compose_train(
+    *overrides: str, output_dir: Path | None = None, keep_hydra: bool = False
+) -> DictConfig:
     """The config `train.py <overrides>` would get, composed in-process (no run is started).
 
-    Hydra's runtime node is filled in as in a real run, so `${hydra:...}` interpolations resolve;
-    the `hydra` node itself is dropped unless `keep_hydra` (to inspect sweeper/launcher configs).
+    Hydra's runtime node is filled in as in a real run (run directory `output_dir`), so
+    `${hydra:...}` interpolations resolve; the `hydra` node itself is dropped unless `keep_hydra`
+    (to inspect sweeper/launcher configs).
     """
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = "/tmp/gunn-exp-compose"
+    cfg.hydra.runtime.output_dir = str(output_dir or "/tmp/gunn-exp-compose")
     cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     if not keep_hydra:

@@ -116,3 +116,30 @@ def test_device_loader_epochs_normalisation_and_sharding():
     seen = [torch.cat([y for _, y in s]) for s in shards]
     assert len(seen[0]) == len(seen[1]) == 50
     assert not set(seen[0].tolist()) & set(seen[1].tolist())  # disjoint shards
+
+
+def test_device_loader_state_resumes_mid_epoch_with_the_same_batches():
+    """What Lightning does on a mid-epoch resume: a fresh loader gets the saved state_dict, then
+    set_epoch; it yields the rest of that epoch, images (augmentation included) and labels."""
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(64)
+
+    def make() -> DeviceLoader:
+        return DeviceLoader(images, labels, 8, (0.5,) * 3, (0.25,) * 3, device="cpu", seed=3)
+
+    loader = make()
+    loader.set_epoch(1)
+    full = list(loader)
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it), next(it), next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "batches": 3}
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 3
+    for (x, y), (x_ref, y_ref) in zip(rest, full[3:], strict=True):
+        assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+    assert len(list(resumed)) == len(full)  # the next epoch is whole again

@@ -1,5 +1,5 @@
-"""The paper recipes (SPEC §3): hyper-parameters, lr at every epoch, global batch, sync BN, and
-the statistics of the augmentation on generated images."""
+"""The paper recipes (docs/SPEC.md §3): hyper-parameters, lr at every epoch, global batch, sync BN,
+and the statistics of the augmentation on generated images."""
 
 from __future__ import annotations
 
@@ -98,12 +98,12 @@ def lrs_per_epoch(cfg: DictConfig) -> list[float]:
 
 
 def spec_cifar_lr(epoch: int, epochs: int = 300) -> float:
-    """SPEC §3: x0.1 from 50% and from 75% of the epochs, counted from 1 (150 and 225 of 300)."""
+    """docs/SPEC.md §3: x0.1 from 50% and 75% of the epochs, counted from 1 (150, 225 of 300)."""
     return 0.1 if epoch < 0.5 * epochs else 0.01 if epoch < 0.75 * epochs else 0.001
 
 
 def spec_imagenet_lr(epoch: int) -> float:
-    """SPEC §3's table: 0.1 (1-30), 0.01 (31-60), 0.001 (61-90), 1e-5 (91-120)."""
+    """docs/SPEC.md §3's table: 0.1 (1-30), 0.01 (31-60), 0.001 (61-90), 1e-5 (91-120)."""
     return [0.1, 0.01, 0.001, 1e-5][(epoch - 1) // 30]
 
 

@@ -155,7 +155,7 @@ def test_tiny_ablation_multirun_end_to_end(tmp_path: Path) -> None:
     assert [r["model"] for r in runs] == ["gunn_mini", "sunn_mini"]
     assert runs[0]["params"] == runs[1]["params"]  # the twins: same parameters
     for run in runs:
-        # SPEC §3's steps at 50% and 75% of the epochs, counted from 1.
+        # docs/SPEC.md §3's steps at 50% and 75% of the epochs, counted from 1.
         assert [row["lr"] for row in run["curve"]] == pytest.approx([0.1, 0.01, 0.001, 0.001])
     summary = (sweep / "summary.md").read_text()
     assert "2 of 2 jobs finished" in summary and "sunn_mini" in summary

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, RUN_ENV, compose_train, run_entry
+from conftest import ROOT, RUN_ENV, cifar10_overrides, compose_train, run_entry, write_cifar
 
 from gunn_exp.errors import CheckpointError
 from gunn_exp.rundir import WANDB_ID as WANDB_ID_FILE
@@ -33,7 +33,10 @@ RUN = (
     "print_config=false",
 )
 SAME_IN_EVERY_EPOCH = ("epoch", "lr", "val/loss", "val/err1", "val/err5")
-RESULTS = ("epochs", "test_err1", "test_err5", "test_loss", "best_val_err1", "final_val_err1")
+RESULTS = (
+    "epochs", "test_err1", "test_err5", "test_loss", "best_val_err1", "best_val_epoch",
+    "final_val_err1",
+)  # fmt: skip
 
 
 def train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -68,18 +71,17 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(uninterrupted: Path, tmp_p
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
-    uninterrupted: Path, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "run"
+def stop_in_epoch_2(run_dir: Path, *overrides: str) -> tuple[int, str]:
+    """Start a 4-epoch run and SIGTERM it once its first epoch is done; (exit status, stderr)."""
     command = [
         sys.executable,
         str(ROOT / "train.py"),
         *RUN,
         f"hydra.run.dir={run_dir}",
         "trainer.max_epochs=4",
+        *overrides,
     ]
-    with (tmp_path / "stderr.txt").open("w+") as err:
+    with (run_dir.parent / "stderr.txt").open("w+") as err:
         proc = subprocess.Popen(
             command, cwd=ROOT, env=RUN_ENV, text=True, stdout=subprocess.PIPE, stderr=err
         )
@@ -90,8 +92,15 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
                 break
         proc.communicate(timeout=300)
         err.seek(0)
-        stderr = err.read()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        return proc.returncode, err.read()
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    returncode, stderr = stop_in_epoch_2(run_dir)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped = re.search(r"^stopped: SIGTERM in epoch \d .*ckpt_path=last", stderr, re.M)
     assert stopped, stderr[-3000:]
 
@@ -109,6 +118,31 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
     # Training averages of the interrupted epoch cover only the batches after the resume.
     assert [r for r in resumed if r["epoch"] != str(interrupted)] == [
         r for r in reference if r["epoch"] != str(interrupted)
+    ]
+
+
+def test_on_device_loader_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
+    """data.on_device=true (the GPU fast path, here on the CPU): stopped mid-epoch and resumed,
+    every later epoch and the final test equal an uninterrupted run's."""
+    data = (
+        *cifar10_overrides(write_cifar(tmp_path / "cifar", n_train=80)),
+        "model=gunn_mini",
+        "data.on_device=true",
+    )
+    reference = tmp_path / "uninterrupted" / "run"
+    train(reference, "trainer.max_epochs=4", *data)
+    run_dir = tmp_path / "stopped" / "run"
+    run_dir.parent.mkdir()
+    returncode, stderr = stop_in_epoch_2(run_dir, *data)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    assert 0 < ckpt["callbacks"]["EpochSeeding"]["batches"] < 6, "not a mid-epoch checkpoint"
+    interrupted = str(ckpt["epoch"] + 1)
+
+    train(run_dir, "trainer.max_epochs=4", "ckpt_path=last", *data)
+    assert results(run_dir) == results(reference)
+    assert [r for r in metrics(run_dir) if r["epoch"] != interrupted] == [
+        r for r in metrics(reference) if r["epoch"] != interrupted
     ]
 
 
@@ -134,7 +168,7 @@ def test_resolve_ckpt_path(tmp_path: Path) -> None:
 
 
 def test_wandb_run_id_is_kept_with_the_run_directory(tmp_path: Path) -> None:
-    assert wandb_resume_kwargs(compose_train("logger=csv"), tmp_path) == {}
+    assert wandb_resume_kwargs(compose_train("logger=none"), tmp_path) == {}
     cfg = compose_train("logger=wandb")
     first = wandb_resume_kwargs(cfg, tmp_path)
     assert first["resume"] == "allow" and first["id"]

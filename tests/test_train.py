@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cifar10_overrides, run_entry
+from conftest import cifar10_overrides, compose_train, run_entry
+
+from gunn_exp.training.train import train
 
 TINY = ("debug=tiny", "trainer.max_epochs=2")
 RESULT_KEYS = {"test_err1", "test_err5", "best_val_err1", "params", "epochs", "wall_time_s"}
@@ -29,6 +31,7 @@ def test_digits_run_writes_the_run_directory(run_train) -> None:
         "checkpoints/best.ckpt",
     ):
         assert (run_dir / name).is_file(), name
+    assert [p.name for p in run_dir.rglob("*.csv")] == ["metrics.csv"]  # one table per run
     results = json.loads((run_dir / "results.json").read_text())
     assert results.keys() >= RESULT_KEYS
     assert results["model"] == "gunn_mini" and results["data"] == "digits"
@@ -43,6 +46,22 @@ def test_digits_run_writes_the_run_directory(run_train) -> None:
     tail = proc.stdout.strip().splitlines()[-4:]
     assert any("test  top-1 error" in line for line in tail), tail
     assert any(str(run_dir) in line for line in tail), tail
+
+
+def test_results_do_not_depend_on_the_callbacks(tmp_path: Path) -> None:
+    """callbacks=none (no EpochSummary, no ModelCheckpoint) still reports the best validation
+    error: the module tracks it (val/err1_best), and the sweeper's objective is that metric."""
+    cfg = compose_train(
+        "experiment=digits", *TINY, "callbacks=none", "logger=none", "print_config=false",
+        output_dir=tmp_path,
+    )  # fmt: skip
+    results = train(cfg)
+    assert cfg.optimized_metric == "val/err1_best"
+    best, final = results["best_val_err1"], results["final_val_err1"]
+    assert best is not None and final is not None and best <= final
+    assert results["best_val_epoch"] in (1, 2)
+    assert results["metrics"][cfg.optimized_metric] == pytest.approx(best)
+    assert json.loads((tmp_path / "results.json").read_text())["best_val_err1"] == best
 
 
 def test_seeded_cpu_runs_are_reproducible(run_train, tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""Config checks that run before anything is built: one error naming the key, value and fix."""
+"""Config checks that run before anything is built: one error naming the key, value and fix.
+
+Imports neither torch nor Lightning (only the model registry checks do, on demand), so the root
+scripts validate a composed config within a few seconds, before the heavy imports.
+"""
 
 from __future__ import annotations
 
@@ -45,12 +49,28 @@ def _impl_names() -> list[Any]:
     return [None, *sorted(IMPLEMENTATIONS)]
 
 
+# The names ClassificationModule logs during fit; `optimized_metric` must be one of them (test
+# metrics are not: choosing a model on the test set would make its test error meaningless).
+METRICS = [
+    *(f"{stage}/{name}" for stage in ("train", "val") for name in ("loss", "err1", "err5")),
+    "val/err1_best",
+]
+
+Check = tuple[Callable[[Any], bool], Callable[[], str] | str]
+
 # key -> (predicate, what a valid value looks like). Keys absent from a config are skipped.
-CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str] | str]] = {
-    "seed": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+# Against the model registry: these import torch.
+REGISTRY_CHECKS: dict[str, Check] = {
     "model.name": (_one_of(_model_names), lambda: f"one of {_model_names()}"),
-    "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
     "model.impl": (_one_of(_impl_names), lambda: f"one of {_impl_names()}"),
+}
+CHECKS: dict[str, Check] = {
+    "seed": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "optimized_metric": (
+        _one_of(lambda: METRICS),
+        f"a logged metric to minimise, one of {METRICS}",
+    ),
+    "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
     "model.num_classes": (_positive_int, "a positive integer"),
     "data.batch_size": (_positive_int, "a positive integer (the global batch)"),
     "data.num_workers": (_non_negative_int, "an integer >= 0"),
@@ -62,15 +82,18 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str] | str]] = {
 }
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first missing or invalid value, before any data or model work."""
+def validate_config(cfg: DictConfig, registry: bool = True) -> None:
+    """Raise ConfigError for the first missing or invalid value, before any data or model work.
+
+    `registry=False` skips the checks against the model registry (and its torch import).
+    """
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
             f"missing required value(s): {', '.join(missing)}; set them on the command line, "
             f"e.g. {missing[0]}=..."
         )
-    for key, (ok, expected) in CHECKS.items():
+    for key, (ok, expected) in (CHECKS | (REGISTRY_CHECKS if registry else {})).items():
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is _MISSING:
             continue

@@ -1,12 +1,10 @@
 """Model complexity: parameters, multiply-adds, activation memory and a per-stage table.
 
 Counting rules, stated once:
-- Multiply-adds (MACs) come from forward hooks on every Conv2d and Linear: a conv output element
-  costs (in_channels / groups) x kernel area MACs, a Linear output element in_features. BatchNorm,
-  ReLU, pooling and additions are not counted (the usual convention, and the one of the 0.556 G /
-  7.75 G figures of SPEC §2). FLOPs = 2 x MACs. GUNN layers are counted with the "reference"
-  implementation: MACs belong to the architecture, and faster implementations may call the convs
-  without going through the modules, where hooks cannot see them.
+- FLOPs come from torch's `FlopCounterMode`, which counts the convolutions and matrix products
+  each forward dispatches, whichever GUNN implementation issues them (every implementation gives
+  the same count). BatchNorm, ReLU, pooling and additions are not counted (the usual convention,
+  and the one of the 0.556 G / 7.75 G figures of docs/SPEC.md §2). MACs = FLOPs / 2.
 - Activation memory is measured, not estimated, for the model's *current* implementation: one
   training-mode forward under `torch.autograd.graph.saved_tensors_hooks` records every tensor
   autograd keeps for backward (each storage counted once, parameters excluded).
@@ -22,13 +20,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from gunn_exp.models import GunnLayer, create_model
 
 
 @dataclass(frozen=True)
 class PaperModel:
-    """Where and how big the paper says a model is (SPEC §2, §4); None where it gives nothing."""
+    """Where and how big the paper says a model is (docs/SPEC.md §2, §4); None where it gives
+    nothing."""
 
     data: str
     num_classes: int
@@ -56,50 +56,21 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@contextmanager
-def reference_impl(model: nn.Module) -> Iterator[None]:
-    """Run every GunnLayer of `model` with the "reference" implementation for the duration."""
-    layers = [m for m in model.modules() if isinstance(m, GunnLayer)]
-    saved = [layer.impl for layer in layers]
-    for layer in layers:
-        layer.impl = "reference"
-    try:
-        yield
-    finally:
-        for layer, impl in zip(layers, saved, strict=True):
-            layer.impl = impl
-
-
-def macs_by_module(model: nn.Module, x: Tensor) -> dict[nn.Module, int]:
-    """MACs of each Conv2d / Linear of `model` for one forward of the batch `x` (eval mode)."""
-    macs: dict[nn.Module, int] = {}
-
-    def hook(module: nn.Module, _inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.weight[0, 0].numel()
-        else:
-            per_output = module.in_features
-        macs[module] = macs.get(module, 0) + out.numel() * per_output
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
+def flops_by_module(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """FLOPs of one eval-mode forward of the batch `x`, by module path ("Gunn.stages.0"; the
+    root is the model's class name, "Global" the total), as torch's FlopCounterMode counts them."""
     was_training = model.training
     try:
-        with reference_impl(model), torch.no_grad():
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
             model.eval()(x)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return macs
+    return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
 
 
 def count_macs(model: nn.Module, x: Tensor) -> int:
     """Multiply-adds of one forward of the batch `x` (pass one image for per-image MACs)."""
-    return sum(macs_by_module(model, x).values())
+    return flops_by_module(model, x).get("Global", 0) // 2
 
 
 class _SavedTensorTracker:
@@ -231,41 +202,40 @@ def stage_table(model: nn.Module, x: Tensor) -> list[StageRow]:
     Works for models laid out as `stem`, `stages` (a Sequential), then head modules, which is
     the case of every registered model.
     """
-    groups: list[tuple[str, list[nn.Module]]] = []
+    # (row name, [(module path below the root, module)])
+    groups: list[tuple[str, list[tuple[str, nn.Module]]]] = []
     for name, child in model.named_children():
         if name == "stem":
-            groups.append(("stem", [child]))
+            groups.append(("stem", [(name, child)]))
         elif name == "stages":
-            groups += [(f"stage{i}", [stage]) for i, stage in enumerate(child, start=1)]
+            groups += [(f"stage{i + 1}", [(f"stages.{i}", stage)]) for i, stage in enumerate(child)]
         elif groups and groups[-1][0] == "head":
-            groups[-1][1].append(child)
+            groups[-1][1].append((name, child))
         else:
-            groups.append(("head", [child]))
+            groups.append(("head", [(name, child)]))
 
     shapes: dict[str, tuple[int, ...]] = {}
     handles = [
-        modules[-1].register_forward_hook(
+        modules[-1][1].register_forward_hook(
             lambda _m, _i, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
         )
         for name, modules in groups
     ]
     try:
-        macs = macs_by_module(model, x)
+        flops = flops_by_module(model, x)
     finally:
         for h in handles:
             h.remove()
-    rows = []
-    for name, modules in groups:
-        members = [m for top in modules for m in top.modules()]
-        rows.append(
-            StageRow(
-                name=name,
-                params=sum(count_params(m) for m in modules),
-                macs=sum(macs.get(m, 0) for m in members),
-                output_shape=shapes[name],
-            )
+    root = type(model).__name__
+    return [
+        StageRow(
+            name=name,
+            params=sum(count_params(m) for _, m in modules),
+            macs=sum(flops.get(f"{root}.{path}", 0) for path, _ in modules) // 2,
+            output_shape=shapes[name],
         )
-    return rows
+        for name, modules in groups
+    ]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from gunn_exp import rundir
 Run = dict[str, Any]
 GroupKey = tuple[str, str, int]
 
-# SPEC §4: the paper's error in percent, by (model, data). CIFAR rows give top-1 only.
+# docs/SPEC.md §4: the paper's error in percent, by (model, data). CIFAR rows give top-1 only.
 PAPER: dict[tuple[str, str], dict[str, float]] = {
     ("gunn15", "cifar10"): {"err1": 4.15},
     ("gunn15", "cifar100"): {"err1": 20.45},

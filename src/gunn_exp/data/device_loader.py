@@ -13,26 +13,33 @@ API::
 
 `images`: (N, C, H, W) uint8 in [0, 255] (or float already scaled to [0, 1]); `labels`: (N,).
 `mean`, `std`: per-channel, on the [0, 1] scale (e.g. `transforms.cifar_stats("cifar10")`).
-`train=True`: reshuffle every epoch and augment (SPEC §3 flip, pad-crop, optional Jigsaw);
-`train=False`: fixed order, normalise only. The epoch-e permutation comes from a device
-`torch.Generator` seeded with `seed + e` (shared by all ranks), the augmentation draws from one
-seeded with (seed, e, rank), so runs repeat exactly on the same device. With
+`train=True`: reshuffle every epoch and augment (docs/SPEC.md §3 flip, pad-crop, optional Jigsaw);
+`train=False`: fixed order, normalise only. Seeds come from `derive_seed` (training/
+reproducibility.py): the epoch-e permutation from (seed, e), shared by all ranks; batch b's
+augmentation from (seed, e, rank, b), so a batch's crops and flips do not depend on the batches
+before it and a resumed epoch can start at any batch. Runs repeat exactly on the same device. With
 `world_size > 1` each `rank` takes every world_size-th sample of the shared permutation (DDP; the
 last N mod world_size samples of each permutation are skipped). Each `iter()` starts the next
-epoch; `set_epoch(e)` picks one explicitly. Lightning accepts the object as a train dataloader (an
-iterable with `__len__`; batches are already on the device, so its device transfer is a no-op)
-and calls `loader.sampler.set_epoch(current_epoch)` before every epoch, as it does for
-DistributedSampler, so a resumed run continues with the right epoch's order.
+epoch; `set_epoch(e)` picks one explicitly.
+
+Lightning accepts the object as a train dataloader (an iterable with `__len__`; batches are already
+on the device, so its device transfer is a no-op), calls `loader.sampler.set_epoch(current_epoch)`
+before every epoch as it does for DistributedSampler, and saves `state_dict()` (epoch, batches
+yielded) in every checkpoint and hands it to `load_state_dict` on resume, so a run stopped
+mid-epoch continues with the next batch of the same epoch. (The count is exact: Lightning does
+not prefetch from loaders that have a length.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from gunn_exp.data.gpu_augment import augment
+from gunn_exp.training.reproducibility import derive_seed
 
 
 class EpochSampler:
@@ -96,10 +103,22 @@ class DeviceLoader:
         self.rank = rank
         self.world_size = world_size
         self.sampler = EpochSampler()
+        self._position = (0, 0)  # (epoch, batches yielded) of the current or last iteration
+        self._resume: tuple[int, int] | None = None  # from load_state_dict, for the next iter()
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next `iter()` produce epoch `epoch`'s order and augmentation."""
         self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the loader is: the epoch it iterates and the batches it has yielded of it."""
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next `iter()` continue epoch `state["epoch"]` after `state["batches"]`."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+        self.sampler.set_epoch(self._resume[0])
 
     def _samples(self) -> int:
         """Samples this rank sees per epoch."""
@@ -110,22 +129,26 @@ class DeviceLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # A generator: this runs at the first next(), after Lightning's set_epoch.
         epoch = self.sampler.epoch
         self.sampler.epoch += 1
-        order_gen = torch.Generator(device=self.device).manual_seed(self.seed + epoch)
-        # Ranks share the order but must not share crops and flips (int tuples hash the same
-        # in every process).
-        aug_gen = torch.Generator(device=self.device)
-        aug_gen.manual_seed(hash((self.seed, epoch, self.rank)) % 2**63)
+        resume, self._resume = self._resume, None
+        first = resume[1] if resume is not None and resume[0] == epoch else 0
         n = len(self.images)
         if self.train:
+            order_gen = torch.Generator(device=self.device).manual_seed(
+                derive_seed(self.seed, epoch)  # no rank: the ranks shard one permutation
+            )
             order = torch.randperm(n, generator=order_gen, device=self.device)
         else:
             order = torch.arange(n, device=self.device)
         order = order[self.rank : self._samples() * self.world_size : self.world_size]
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start : start + self.batch_size]
+        aug_gen = torch.Generator(device=self.device)
+        for batch in range(first, len(self)):
+            self._position = (epoch, batch + 1)
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             x = (self.images[index].float() - self._sub) * self._mul
             if self.train:
+                aug_gen.manual_seed(derive_seed(self.seed, epoch, self.rank, batch))
                 x = augment(x, self.padding, self.flip, self.jigsaw, aug_gen)
             yield x.contiguous(memory_format=self.memory_format), self.labels[index]

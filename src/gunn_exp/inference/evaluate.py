@@ -16,17 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
-import torch.nn.functional as F
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gunn_exp import rundir
 from gunn_exp.config import validate_config
 from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import ConfigError
-from gunn_exp.inference.run import CKPT_NAMES, Run, load_run, predict_log_probs
+from gunn_exp.inference.run import CKPT_NAMES, load_run, resolve_device
+from gunn_exp.training.module import ClassificationModule
 
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -53,11 +54,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup("test")
 
-    scores, labels = _predict(run, dm.test_dataloader(), cfg.limit_batches)
-    pred = scores.argmax(1)
-    top5 = scores.topk(min(5, num_classes), dim=1).indices
-    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2)
-    confusion = confusion.view(num_classes, num_classes)
+    # The training module's own test step (same errors, multi-crop averaging), by trainer.test.
+    module = _Evaluation(run.model)
+    device = resolve_device(cfg.device)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else device.type,
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=cfg.limit_batches or 1.0,
+    )
+    metrics = trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)[0]
+    confusion = module.confusion.compute().cpu()
     results = {
         "run_dir": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
@@ -66,10 +76,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "data": data_cfg["name"],
         "ten_crop": bool(data_cfg.get("ten_crop", False)),
         "limit_batches": cfg.limit_batches,
-        "images": len(labels),
-        "err1": 100.0 * (pred != labels).float().mean().item(),
-        "err5": 100.0 * (top5 != labels[:, None]).all(1).float().mean().item(),
-        "loss": F.nll_loss(scores, labels).item(),
+        "images": int(confusion.sum()),
+        "err1": metrics["test/err1"],
+        "err5": metrics["test/err5"],
+        "loss": metrics["test/loss"],
     }
     out_dir = run.run_dir / rundir.EVAL / _tag(cfg, data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,15 +112,16 @@ def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
     return data
 
 
-def _predict(run: Run, loader: Any, limit: int | None) -> tuple[Tensor, Tensor]:
-    """Log-softmax scores and labels of the loader's first `limit` batches (all if None)."""
-    scores, labels = [], []
-    for i, (x, y) in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        scores.append(predict_log_probs(run.model, x.to(run.device)).float().cpu())
-        labels.append(y)
-    return torch.cat(scores), torch.cat(labels)
+class _Evaluation(ClassificationModule):
+    """ClassificationModule's test step plus a confusion matrix (rows true, columns predicted)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.confusion = MulticlassConfusionMatrix(model.num_classes)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        _, logits = self._step(batch, "test")
+        self.confusion.update(logits.argmax(1), batch[1])
 
 
 def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:

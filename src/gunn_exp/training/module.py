@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -25,7 +26,12 @@ class TopKError(MulticlassAccuracy):
 
 
 class ClassificationModule(pl.LightningModule):
-    """Trains `model` with cross-entropy; logs `{train,val,test}/{loss,err1,err5}` per epoch.
+    """Trains `model` with cross-entropy; logs `{train,val,test}/{loss,err1,err5}` per epoch and
+    `val/err1_best`, the lowest validation top-1 error so far.
+
+    The module tracks its best itself (not a callback), so results, checkpoint selection and a
+    sweep's objective are the same whichever callbacks a config lists; it is saved in
+    checkpoints, so a resumed run keeps the best of the epochs before the resume.
 
     `optimizer` and `scheduler` are partials (Hydra `_partial_: true`) so the configs own every
     hyper-parameter; the scheduler steps once per epoch, as in the paper's recipes.
@@ -34,7 +40,7 @@ class ClassificationModule(pl.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -58,11 +64,16 @@ class ClassificationModule(pl.LightningModule):
                 for k in (1, 5)
             }
         )
+        self.val_err1_best = MinMetric()
+        self.val_err1_best.persistent(True)
+        # The 1-based epoch of val_err1_best (0: none yet); a buffer, so checkpoints keep it.
+        self.register_buffer("best_val_epoch", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        """Log the batch's loss and errors under `stage`; (loss, logits)."""
         x, y = batch
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -81,10 +92,10 @@ class ClassificationModule(pl.LightningModule):
             self.log(
                 f"{stage}/err{k}", metric, on_step=False, on_epoch=True, prog_bar=show and k == 1
             )
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -92,7 +103,23 @@ class ClassificationModule(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a check of the code, not an epoch of the run
+            return
+        err1 = self.errors["val_err1"].compute()  # synced over ranks; Lightning reuses the value
+        if err1 < self.val_err1_best.min_value:  # strict: ties keep the earlier epoch
+            self.best_val_epoch.fill_(self.current_epoch + 1)
+        self.val_err1_best.update(err1)
+        self.log("val/err1_best", self.val_err1_best.compute(), prog_bar=True)
+
+    @property
+    def best_val_err1(self) -> float | None:
+        """The lowest validation top-1 error of the run so far (None before any validation)."""
+        return float(self.val_err1_best.min_value) if self.best_val_epoch > 0 else None
+
     def configure_optimizers(self):  # noqa: ANN201 (Lightning's union return type)
+        if self.optimizer_factory is None:
+            raise RuntimeError("ClassificationModule(optimizer=None) evaluates only; pass one.")
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer

@@ -1,12 +1,18 @@
-"""Random state that a resumed run reproduces exactly: per-epoch seeds, data order, RNG snapshots.
+"""Every seed of a run, and the random state a resumed run needs to continue exactly.
 
 Lightning checkpoints restore weights, optimizer, scheduler and loop counters, but not the global
 RNGs, and the default shuffling draws its order from the global torch RNG whenever an iterator
 is created, so a resumed run would see other batches and other random draws than an
-uninterrupted one. `EpochSeeding` makes every epoch start from seeds derived from (run seed,
-epoch, rank) alone; a checkpoint written mid-epoch (on a signal, see faults.py) also carries the
-RNG states of that moment and how many batches of the epoch were done, and the resumed run
-continues from exactly there.
+uninterrupted one. Kept beside Lightning's `seed_everything` (which seeds once per run) because
+per-epoch seeds are what make an epoch independent of how often the run was stopped:
+
+- `derive_seed`: the one function every seed comes from (global per epoch and rank, shuffling,
+  DataLoader worker seeds, the on-device loader's order and augmentation);
+- `EpochSeeding`: seeds every epoch from (run seed, epoch, rank); a checkpoint written mid-epoch
+  (on a signal, see faults.py) also carries the RNG states of that moment and how many batches
+  of the epoch were done, and the resumed run continues from exactly there: a DataLoader skips
+  those batches (`SkipFirst`), the on-device loader is positioned by its own
+  `state_dict`/`load_state_dict`, which Lightning saves and restores (data/device_loader.py).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
 
-def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
-    """A well-mixed 32-bit seed for one (run seed, epoch, rank, stream) combination."""
-    return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
+def derive_seed(seed: int, *keys: int) -> int:
+    """A well-mixed 32-bit seed for one (run seed, epoch, rank, stream, ...) combination: the
+    same in every process and every Python (unlike `hash`), independent for different keys."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
 
 
 def rng_states() -> dict[str, Any]:
@@ -52,13 +59,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.device_count() == len(states["cuda"]):
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every GPU) without Lightning's log line."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class SkipFirst(Sampler[int]):
@@ -131,7 +131,11 @@ class EpochSeeding(pl.Callback):
         epoch = trainer.current_epoch
         if epoch != self._seeded_epoch:
             self._prepare_loader(trainer, epoch, skip_batches=0)
-            seed_all(epoch_seed(self.seed, epoch, trainer.global_rank, stream=0))
+            # Python, numpy, torch (CPU and GPUs); workers=True keeps Lightning's worker seeding
+            # on (their base seed is drawn from loader.generator, set above).
+            pl.seed_everything(
+                derive_seed(self.seed, epoch, trainer.global_rank, 0), workers=True, verbose=False
+            )
             self._seeded_epoch = epoch
         self._epoch, self._batches = epoch, 0
 
@@ -147,16 +151,22 @@ class EpochSeeding(pl.Callback):
 
     def _prepare_loader(self, trainer: pl.Trainer, epoch: int, skip_batches: int) -> None:
         """Seed the train loader's generators for `epoch` and skip batches a resumed epoch did."""
+        from gunn_exp.data.device_loader import DeviceLoader  # it imports derive_seed from here
+
         loader = trainer.train_dataloader
+        assert self.seed is not None
+        if isinstance(loader, DeviceLoader):
+            # Its own seeds derive from this one; Lightning restores its position in the epoch.
+            loader.seed = self.seed
+            return
         if not isinstance(loader, DataLoader):
             return
-        assert self.seed is not None
         rank = trainer.global_rank
         # The iterator's worker-seed draw uses this generator, not the global RNG.
-        loader.generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank, 1))
+        loader.generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, rank, 1))
         if isinstance(loader.sampler, RandomSampler):
             loader.sampler.generator = torch.Generator().manual_seed(
-                epoch_seed(self.seed, epoch, 0, 2)
+                derive_seed(self.seed, epoch, 0, 2)
             )
         batch_sampler = loader.batch_sampler
         if isinstance(batch_sampler, BatchSampler):

@@ -1,5 +1,5 @@
-"""Learning-rate schedules of the paper's recipes (SPEC §3): the CIFAR step milestones as a config
-resolver, and the authors' ImageNet schedule as a `LambdaLR` multiplier.
+"""Learning-rate schedules of the paper's recipes (docs/SPEC.md §3): the CIFAR step milestones as a
+config resolver, and the authors' ImageNet schedule as a `LambdaLR` multiplier.
 
 ImageNet epochs are counted from 1, as in the authors' train.lua: lr = 0.1 x 0.1^d with
 d = floor((epoch - 1) / 30), and d += 1 once d >= 3, so the 120 epochs run at 0.1 (1-30),
@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 
 def epoch_milestones(max_epochs: int, fractions: Sequence[float]) -> list[int]:
-    """0-based MultiStepLR milestones for 'decay from 1-based epoch >= f * max_epochs' (SPEC §3).
+    """0-based MultiStepLR milestones: lr decays from 1-based epoch >= f * max_epochs (SPEC §3).
 
     With 300 epochs and (0.5, 0.75): lr drops from 1-based epochs 150 and 225, i.e. after 149 and
     224 scheduler steps.

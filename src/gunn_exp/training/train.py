@@ -18,7 +18,6 @@ from gunn_exp import rundir
 from gunn_exp.config import validate_config
 from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.weights import init_from_checkpoint
-from gunn_exp.training.callbacks import EpochSummary
 from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
 from gunn_exp.training.launch import (
     check_rank_run_dirs,
@@ -53,33 +52,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results."""
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config", True):
+    if cfg.print_config:
         print_config(cfg, ["data", "model", "optimizer", "scheduler", "trainer", "seed"])
-    if cfg.get("seed") is not None:
+    if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: torch.nn.Module = instantiate(cfg.model)
-    if cfg.get("init_from"):  # fine-tuning: start from another run's weights (inference/weights.py)
+    if cfg.init_from:  # fine-tuning: start from another run's weights (inference/weights.py)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     params = sum(p.numel() for p in model.parameters())
     log.info(f"model {cfg.model.name}: {params:,} parameters")
     module = ClassificationModule(
         model=model,
         optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        channels_last=cfg.get("channels_last", False),
-        compile=cfg.get("compile", False),
-        compile_mode=cfg.get("compile_mode"),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
     )
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume changes nothing
         check_resumable(ckpt_path, model, cfg.model.name)
     if rank_zero_only.rank == 0:
         rundir.save_config(cfg, output_dir)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_group(cfg.callbacks)
     loggers = instantiate_group(
-        cfg.get("logger"), group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
+        cfg.logger, group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
     )
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -92,28 +91,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_time = time.perf_counter() - start
+    fit = _metrics(trainer)  # the last epoch's values (trainer.test starts a new set)
     # The final weights are tested (the best epoch's validation error is reported beside them).
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
-    rows = next((cb.rows for cb in callbacks if isinstance(cb, EpochSummary)), [])
-    val_rows = [r for r in rows if "val/err1" in r]
-    best = min(val_rows, key=lambda r: r["val/err1"], default=None)
     results = {
         "model": cfg.model.name,
         "data": cfg.data.name,
-        "seed": cfg.get("seed"),
+        "seed": cfg.seed,
         "params": params,
         "epochs": trainer.current_epoch,
         "wall_time_s": round(wall_time, 2),
         "test_err1": test.get("test/err1"),
         "test_err5": test.get("test/err5"),
         "test_loss": test.get("test/loss"),
-        "best_val_err1": best["val/err1"] if best else None,
-        "best_val_epoch": int(best["epoch"]) if best else None,
-        "final_val_err1": val_rows[-1]["val/err1"] if val_rows else None,
-        "final_val_err5": val_rows[-1].get("val/err5") if val_rows else None,
+        "best_val_err1": module.best_val_err1,
+        "best_val_epoch": int(module.best_val_epoch) or None,
+        "final_val_err1": fit.get("val/err1"),
+        "final_val_err5": fit.get("val/err5"),
         "output_dir": str(output_dir),
-        "tags": list(cfg.get("tags") or []),
+        "tags": list(cfg.tags),
+        "metrics": {**fit, **test},  # every metric by its logged name: optimized_metric's source
     }
     if trainer.is_global_zero:
         # Class names let a run directory classify images on its own (see classify.py).
@@ -125,6 +123,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info(line)
     log_rank_results(trainer, results)
     return results
+
+
+def _metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The values logged last, by name (e.g. val/err1, val/err1_best)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def print_config(cfg: DictConfig, fields: Sequence[str]) -> None:
