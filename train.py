@@ -11,6 +11,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from gunn_exp.checkpointing import CheckpointError  # noqa: E402
 from gunn_exp.config import ConfigError, register_resolvers  # noqa: E402
+from gunn_exp.data import DataError  # noqa: E402
 from gunn_exp.faults import RunStopped  # noqa: E402
 from gunn_exp.train import train  # noqa: E402
 
@@ -21,6 +22,9 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
+    except DataError as err:  # missing, corrupt or inconsistent data: bad input, like a config
+        print(f"data error: {err}", file=sys.stderr)
+        sys.exit(2)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)

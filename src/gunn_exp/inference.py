@@ -104,7 +104,7 @@ def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
 def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> Run:
     """Build the run's model from its config.yaml, load the checkpoint, put it in eval mode."""
     run_dir, checkpoint = find_run(path, ckpt)
-    config = OmegaConf.load(run_dir / "config.yaml")
+    config = read_run_config(run_dir)
     model: nn.Module = instantiate(config.model)
     loaded = load_weights(model, checkpoint, str(config.model.name))
     model.eval().to(resolve_device(device))
@@ -114,11 +114,39 @@ def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = 
     return Run(run_dir, config, checkpoint, epoch, model)
 
 
+def read_run_config(run_dir: Path) -> DictConfig:
+    """`<run_dir>/config.yaml`, refused in one line when it is not a readable run config (a YAML
+    error from an edit, a truncated copy) rather than with the parser's traceback."""
+    path = run_dir / "config.yaml"
+    fix = (
+        f"Fix: restore it from a copy of the run, or rewrite it from {run_dir}/.hydra/config.yaml "
+        f"(the unresolved config Hydra saved)."
+    )
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError, UnicodeDecodeError, ...
+        where = " ".join(str(err).split())
+        raise RunError(f"{path} is not valid YAML ({type(err).__name__}: {where}). {fix}") from err
+    name = OmegaConf.select(config, "model.name") if isinstance(config, DictConfig) else None
+    if not name:
+        raise RunError(f"{path} has no model.name, so it is not a train.py run config. {fix}")
+    return config
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU."""
+    """`auto`: the GPU when there is one, else the CPU. A CUDA device on a machine without one is
+    refused here, before the model is moved (torch's own error comes later and less clearly)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise RunError(
+            f"device {device!r} is not a device torch knows ({err}); use cpu, cuda or auto."
+        ) from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {device!r}: this machine has no CUDA GPU; use cpu or auto.")
+    return resolved
 
 
 @torch.no_grad()
@@ -149,6 +177,11 @@ def list_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     for item in map(Path, inputs):
         if item.is_dir():
             files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            if not files:
+                raise RunError(
+                    f"{item}: the folder holds no image files (searched recursively for "
+                    f"{', '.join(IMG_EXTENSIONS)}); pass a folder with images, or the files."
+                )
             found += [(p, str(p.relative_to(item))) for p in files]
         elif item.exists():
             found.append((item, str(item)))

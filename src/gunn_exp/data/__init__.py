@@ -1,6 +1,6 @@
 """LightningDataModules: CIFAR-10/100, ImageNet, scikit-learn digits and synthetic data."""
 
-from gunn_exp.data.base import ImageDataModule
+from gunn_exp.data.base import DataError, ImageDataModule
 from gunn_exp.data.cifar import CIFARDataModule
 from gunn_exp.data.digits import DigitsDataModule
 from gunn_exp.data.imagenet import ImageNetDataModule
@@ -8,6 +8,7 @@ from gunn_exp.data.synthetic import SyntheticDataModule
 
 __all__ = [
     "CIFARDataModule",
+    "DataError",
     "DigitsDataModule",
     "ImageDataModule",
     "ImageNetDataModule",

@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from gunn_exp.config import ConfigError
+
+# How DataLoader workers re-raise an exception in the main process (torch's ExceptionWrapper):
+# "Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...\n<module>.<Type>: <msg>".
+_WORKER_PREFIX = "Caught "
+
+
+class DataError(ConfigError):
+    """Data that cannot be used (missing, corrupt, inconsistent); the message names the file or
+    folder and the fix. A ConfigError, so entry points stop with exit code 2 and one line.
+
+    Raised inside a DataLoader worker it comes back re-created from the worker's whole traceback
+    text; the constructor keeps only the original one-line message so the report stays one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(_WORKER_PREFIX) and "Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(" ".join(message.split()))  # one line, whatever the wrapped error said
+
+
+def check_data_dir(path: Path, key: str = "data.data_dir") -> None:
+    """Refuse a data folder that is, or lies under, a file (a `paths.data_dir` typo), before any
+    dataset code gives a less direct error. A folder that does not exist yet is fine here."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f" (in {key}={path})"
+        raise DataError(
+            f"{existing} is a file, not a folder{where}. Fix: set paths.data_dir (or {key}) to "
+            f"the folder that holds the datasets."
+        )
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -49,7 +84,7 @@ class ImageDataModule(pl.LightningDataModule):
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
-            raise ValueError(
+            raise DataError(
                 f"data.batch_size={self.batch_size} (the global batch) is not divisible by the "
                 f"{world} processes of this run; use a multiple of {world}."
             )

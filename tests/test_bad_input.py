@@ -1,0 +1,206 @@
+"""Bad input stops before any training step with exit code 2 and one line naming the value or
+file and the fix, no traceback (issue 12 §2).
+
+Each case is one row. CASES run in-process: `make` builds the input under tmp_path and calls the
+check that must refuse it, which raises one of the exit-2 errors (the entry points map them to
+exit 2, tested once per route in ENTRY_CASES, which start the real scripts).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, compose_train, run_entry, write_cifar
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.config import ConfigError, register_resolvers, validate_config
+from gunn_exp.data import CIFARDataModule, DataError, ImageNetDataModule
+from gunn_exp.inference import RunError, list_images, load_run, resolve_device
+from gunn_exp.preprocessing import Preprocessing
+
+register_resolvers()
+
+EXIT_2 = (ConfigError, RunError, CheckpointError)  # DataError is a ConfigError
+Make = Callable[[Path], object]
+
+
+# --- builders: each returns a `make(tmp_path)` that runs the check on freshly generated input ---
+
+
+def config(*overrides: str) -> Make:
+    """validate_config on what `train.py <overrides>` would compose."""
+    return lambda tmp: validate_config(compose_train(*overrides))
+
+
+def eval_config(*overrides: str) -> Make:
+    def make(tmp: Path) -> None:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            validate_config(compose("eval", overrides=["run_dir=unused", *overrides]))
+
+    return make
+
+
+def damage(path: Path, how: str) -> None:
+    """truncate: keep the first half; random: same size of random bytes; delete."""
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(1).bytes(path.stat().st_size))
+    else:
+        raise ValueError(how)
+
+
+def cifar(
+    file: str = "", how: str = "", data_dir: str = "", verify: bool = False, **content: object
+) -> Make:
+    """CIFARDataModule.prepare_data + setup on generated CIFAR-10 files, one of them damaged;
+    `content` replaces that file's pickle with a dict of the given keys instead."""
+
+    def make(tmp: Path) -> None:
+        write_cifar(tmp, "cifar10")
+        folder = tmp / "cifar-10-batches-py"
+        if content:
+            (folder / file).write_bytes(pickle.dumps(content))
+        elif file:
+            damage(folder / file, how)
+        if data_dir == "file":
+            (tmp / "a_file").write_text("not a folder")
+        root = {"": tmp, "missing": tmp / "nothing", "file": tmp / "a_file"}[data_dir]
+        dm = CIFARDataModule(data_dir=str(root), download=False, verify_checksums=verify)
+        dm.prepare_data()
+        dm.setup()
+
+    return make
+
+
+def write_jpeg(path: Path, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def write_imagenet(root: Path, classes: tuple[str, ...] = ("n01", "n02"), per_class: int = 3):
+    seed = 0
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                seed += 1
+                write_jpeg(root / split / c / f"{k}.JPEG", seed)
+
+
+def imagenet(
+    file: str = "",
+    how: str = "",
+    mkdir: str = "",
+    drop: str = "",
+    data_dir: str = "",
+    check_images: int | str = 200,
+    workers: int = 0,
+) -> Make:
+    """ImageNetDataModule.prepare_data + setup (and one training batch when check_images=0, so
+    the loader's own check is what must refuse) on a generated 2-class tree, damaged."""
+
+    def make(tmp: Path) -> None:
+        root = tmp / "imagenet"
+        write_imagenet(root)
+        if file:
+            damage(root / file, how)
+        if mkdir:
+            (root / mkdir).mkdir(parents=True)
+        if drop:
+            shutil.rmtree(root / drop)
+        if data_dir == "file":
+            (tmp / "a_file").write_text("not a folder")
+            root = tmp / "a_file" / "imagenet"
+        dm = ImageNetDataModule(
+            data_dir=str(root),
+            num_classes=2,
+            image_size=16,
+            batch_size=6,
+            num_workers=workers,
+            check_images=check_images,
+        )
+        dm.prepare_data()
+        dm.setup()
+        next(iter(dm.train_dataloader()))
+
+    return make
+
+
+def run_dir_with_config(text: str) -> Make:
+    """load_run on a run directory whose config.yaml holds `text` (a checkpoint file exists)."""
+
+    def make(tmp: Path) -> None:
+        (tmp / "checkpoints").mkdir()
+        (tmp / "checkpoints" / "best.ckpt").write_bytes(b"")
+        (tmp / "config.yaml").write_text(text)
+        load_run(tmp)
+
+    return make
+
+
+def empty_image_folder(tmp: Path) -> None:
+    (tmp / "photos").mkdir()
+    (tmp / "photos" / "notes.txt").write_text("not an image")
+    list_images([tmp / "photos"])
+
+
+def case(name: str, make: Make, pattern: str, no_gpu: bool = False) -> object:
+    """One row: `make` must raise an exit-2 error whose one-line message matches `pattern`."""
+    marks = [pytest.mark.skipif(torch.cuda.is_available(), reason="needs no GPU")] if no_gpu else []
+    return pytest.param(make, pattern, id=name, marks=marks)
+
+
+# (id, make, a regex the one-line message must match: the bad value or file, and the fix)
+# fmt: off
+CASES = [
+    case("cifar_missing", cifar(data_dir="missing"), r"not in .*nothing.*Fix: download"),
+    case("cifar_data_dir_is_a_file", cifar(data_dir="file"), r"a_file is a file, not a folder.*Fix"),
+    case("cifar_truncated_batch", cifar("data_batch_3", "truncate"), r"data_batch_3 is corrupt.*download=true"),
+    case("cifar_random_bytes_batch", cifar("test_batch", "random"), r"test_batch is corrupt.*download=true"),
+    case("cifar_missing_meta", cifar("batches.meta", "delete"), r"batches\.meta is missing.*download=true"),
+    case("cifar_meta_without_names", cifar("batches.meta", names=[]), r"batches\.meta is corrupt.*label_names"),
+    case("cifar_md5_mismatch", cifar(verify=True), r"data_batch_1 is corrupt \(its md5.*download=true"),
+    case("imagenet_missing", imagenet(data_dir="file"), r"a_file is a file, not a folder"),
+    case("imagenet_truncated_jpeg", imagenet("train/n02/1.JPEG", "truncate"), r"n02/1\.JPEG cannot be decoded.*Fix"),
+    case("imagenet_random_bytes_jpeg", imagenet("val/n01/0.JPEG", "random"), r"n01/0\.JPEG cannot be decoded"),
+    case("imagenet_bad_jpeg_in_loader", imagenet("train/n01/2.JPEG", "truncate", check_images=0, workers=1), r"^\S*n01/2\.JPEG cannot be decoded.*Fix"),
+    case("imagenet_empty_class", imagenet(mkdir="train/n03"), r"train/n03 has no image files.*Fix"),
+    case("imagenet_class_not_in_val", imagenet(drop="val/n02"), r"class n02 is in \S*/train but not in \S*/val.*Fix"),
+    case("imagenet_class_not_in_train", imagenet(drop="train/n01"), r"class n01 is in \S*/val but not in \S*/train"),
+    case("batch_not_divisible", config("experiment=digits", "trainer=ddp_cpu", "data.batch_size=63"), r"data\.batch_size=63 .*2 processes.*=62"),
+    case("num_classes_too_small", config("experiment=digits", "model.num_classes=5"), r"model\.num_classes=5 .*data\.num_classes=10"),
+    case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),
+    case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
+    case("limit_train_batches_0.0", config("experiment=digits", "+trainer.limit_train_batches=0.0"), r"limit_train_batches=0\.0"),
+    case("trainer_gpu", config("experiment=digits", "trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),
+    case("eval_device_cuda", eval_config("device=cuda"), r"device=cuda: .*no CUDA.*device=cpu", no_gpu=True),
+    case("classify_device_cuda", lambda tmp: resolve_device("cuda"), r"'cuda': .*no CUDA GPU; use cpu", no_gpu=True),
+    case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),
+    case("run_config_not_a_run", run_dir_with_config("- a\n- list\n"), r"config\.yaml has no model\.name.*Fix"),
+    case("empty_image_folder", empty_image_folder, r"photos: the folder holds no image files"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("make", "pattern"), CASES)
+def test_bad_input_is_refused_in_one_line(make: Make, pattern: str, tmp_path: Path) -> None:
+    with pytest.raises(EXIT_2) as caught:
+        make(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert re.search(pattern, message), message
