@@ -25,8 +25,9 @@ def main() -> int:
     logging.basicConfig(format="%(message)s")  # warnings from libraries, INFO from ours
     logging.getLogger("gunn_exp").setLevel(logging.INFO)
     try:
+        images = list_images(args.images)  # bad paths stop before the model is loaded
         run = load_run(args.run, args.ckpt, args.device)
-        predictions, skipped = classify_images(run, list_images(args.images), args.top)
+        predictions, skipped = classify_images(run, images, args.top)
     except (RunError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from gunn_exp.preprocessing import Preprocessing
 
 register_resolvers()
 
-EXIT_2 = (ConfigError, RunError, CheckpointError)  # DataError is a ConfigError
+EXIT_2 = (DataError, ConfigError, RunError, CheckpointError)  # what entry points exit 2 on
 Make = Callable[[Path], object]
 
 
@@ -204,3 +204,112 @@ def test_bad_input_is_refused_in_one_line(make: Make, pattern: str, tmp_path: Pa
     message = str(caught.value)
     assert "\n" not in message, message
     assert re.search(pattern, message), message
+
+
+# --- the real entry points: each route from a bad input to exit 2 + one line, once ---
+
+
+def entry_train(*overrides: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: [
+        f"hydra.run.dir={tmp / 'run'}",
+        "print_config=false",
+        "debug=tiny",
+        *(o.format(tmp=tmp) for o in overrides),
+    ]
+
+
+def entry_eval_corrupt_config(tmp: Path) -> list[str]:
+    (tmp / "checkpoints").mkdir()
+    (tmp / "checkpoints" / "best.ckpt").write_bytes(b"")
+    (tmp / "config.yaml").write_text("model: {name: [\n")
+    return [f"run_dir={tmp}"]
+
+
+def entry_empty_folder(*extra: str) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        (tmp / "photos").mkdir()
+        return [str(tmp / "no_run"), str(tmp / "photos"), *extra]
+
+    return args
+
+
+def imagenet_tree(tmp: Path) -> Path:
+    write_imagenet(tmp / "imagenet")
+    damage(tmp / "imagenet" / "train" / "n01" / "1.JPEG", "truncate")
+    return tmp / "imagenet"
+
+
+# (id, script, args(tmp_path), the line's prefix, a regex the line must match)
+# fmt: off
+ENTRY_CASES = [
+    ("train_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false"), "data error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
+    ("train_limit_train_batches_0", "train.py", entry_train("experiment=digits", "trainer.limit_train_batches=0"), "config error:", r"limit_train_batches=0 "),
+    ("train_bad_jpeg_in_loader", "train.py", lambda tmp: [*entry_train("data=imagenet", "model=gunn_mini", "data.num_classes=2", "data.image_size=16", "data.batch_size=6", "data.check_images=0", "data.num_workers=1")(tmp), f"data.data_dir={imagenet_tree(tmp)}"], "data error:", r"error: \S*n01/1\.JPEG cannot be decoded.*Fix"),
+    ("eval_corrupt_run_config", "eval.py", entry_eval_corrupt_config, "error:", r"config\.yaml is not valid YAML"),
+    ("classify_empty_folder", "classify.py", entry_empty_folder(), "error:", r"photos: the folder holds no image files"),
+    ("features_empty_folder", "features.py", entry_empty_folder("-o", "f.npy"), "error:", r"photos: the folder holds no image files"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "prefix", "pattern"),
+    [c[1:] for c in ENTRY_CASES],
+    ids=[c[0] for c in ENTRY_CASES],
+)
+def test_entry_point_exits_2_with_one_line(
+    script: str, args: Callable[[Path], list[str]], prefix: str, pattern: str, tmp_path: Path
+) -> None:
+    proc = run_entry(script, *args(tmp_path), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no training step
+
+
+# --- 16-bit images (classify.py, features.py): read as the 8-bit picture they widen ---
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grey HxW or RGB HxWx3), written by hand: Pillow cannot write 16-bit RGB."""
+    height, width = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("colour", "shape"), [("L", (12, 12)), ("RGB", (12, 12)), ("RGB", (12, 12, 3))]
+)
+def test_16bit_png_gives_the_8bit_input(
+    colour: str, shape: tuple[int, ...], tmp_path: Path
+) -> None:
+    eight = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "8.png")
+    write_png16(tmp_path / "16.png", eight.astype(np.uint16) * 257)  # the same picture, 16 bits
+    pre = Preprocessing("test", colour, 8, 8, (0.5,) * len(colour), (0.25,) * len(colour), 3)
+    x8, x16 = pre.load(tmp_path / "8.png"), pre.load(tmp_path / "16.png")
+    assert torch.equal(x8, x16)  # identical inputs: identical top-1 with any model
+    if len(shape) == 2:  # grey: what Pillow's own convert() gave before (clipped to white)
+        with Image.open(tmp_path / "16.png") as img:
+            assert not torch.equal(pre(img), x8)
+
+
+def test_float_images_are_refused_by_name(tmp_path: Path) -> None:
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(tmp_path / "f.tiff")
+    pre = Preprocessing("test", "RGB", 8, 8, (0.5,) * 3, (0.25,) * 3, 3)
+    with pytest.raises(ValueError, match=r"f\.tiff: 'F' pixels .*save it as"):
+        pre.load(tmp_path / "f.tiff")

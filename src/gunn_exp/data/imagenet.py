@@ -43,9 +43,9 @@ class ImageNetDataModule(ImageDataModule):
     with the validation images moved into class folders). The paper evaluated on val.
 
     The tree is checked in `setup()` before any training: both splits hold the same classes, none
-    empty, as many as `num_classes`, and `check_images` files of each split (a fixed random sample;
-    `all`: every file, slow on 1.28M images; 0: none) decode. A file that fails later, in the loader,
-    stops the run naming it (`load_rgb`).
+    empty, as many as `num_classes`, and `check_images` files of each split decode (a fixed random
+    sample; `all`: every file, slow on 1.28M images; 0: none). A file that fails later, in the
+    loader, stops the run naming it (`load_rgb`).
     """
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
