@@ -1,4 +1,8 @@
-"""Experiment-logger extras Lightning does not do for us: wandb sweep groups, config, plots."""
+"""Experiment-logger extras Lightning does not do for us: wandb sweep groups, config, plots.
+
+Lightning gives every logger the metrics and `log_hyperparams`; the final curves image needs each
+library's own call (wandb: an image, TensorBoard: an image summary, MLflow: an artifact).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 
 def sweep_group() -> str | None:
@@ -37,12 +41,22 @@ def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
 
 
 def log_curves(loggers: list[Logger], path: Path) -> None:
-    """Attach the run's final curves plot to wandb runs."""
+    """Attach the run's final curves plot to wandb, TensorBoard and MLflow runs."""
     if not path.is_file():
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key="curves", images=[str(path)])
+        elif isinstance(logger, TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            logger.experiment.add_image("curves", pixels, dataformats="HWC")
+            logger.experiment.flush()
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path))
 
 
 # Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.
