@@ -64,6 +64,21 @@ def damage(path: Path, how: str) -> None:
         raise ValueError(how)
 
 
+def same_error(*steps: Callable[[], object]) -> None:
+    """Each step (train.py's check, eval.py's prepare_data/setup) must refuse the input with the
+    same message; then that error is raised. Returns if none refuses (a later step may)."""
+    errors: list[Exception] = []
+    for step in steps:
+        try:
+            step()
+        except EXIT_2 as err:
+            errors.append(err)
+    if errors:
+        messages = [str(err) for err in errors]
+        assert len(errors) == len(steps) and len(set(messages)) == 1, messages
+        raise errors[0]
+
+
 def cifar(
     file: str = "", how: str = "", data_dir: str = "", verify: bool = False, **content: object
 ) -> Make:
@@ -81,8 +96,7 @@ def cifar(
             (tmp / "a_file").write_text("not a folder")
         root = {"": tmp, "missing": tmp / "nothing", "file": tmp / "a_file"}[data_dir]
         dm = CIFARDataModule(data_dir=str(root), download=False, verify_checksums=verify)
-        dm.prepare_data()
-        dm.setup()
+        same_error(dm.check, dm.prepare_data, dm.setup)
 
     return make
 
@@ -134,7 +148,7 @@ def imagenet(
             num_workers=workers,
             check_images=check_images,
         )
-        dm.prepare_data()
+        same_error(dm.check, dm.prepare_data)
         dm.setup()
         next(iter(dm.train_dataloader()))
 
@@ -242,7 +256,7 @@ def imagenet_tree(tmp: Path) -> Path:
 # (id, script, args(tmp_path), the line's prefix, a regex the line must match)
 # fmt: off
 ENTRY_CASES = [
-    ("train_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false"), "data error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
+    ("train_ddp_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false", "trainer=ddp_cpu"), "data error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
     ("train_limit_train_batches_0", "train.py", entry_train("experiment=digits", "trainer.limit_train_batches=0"), "config error:", r"limit_train_batches=0 "),
     ("train_bad_jpeg_in_loader", "train.py", lambda tmp: [*entry_train("data=imagenet", "model=gunn_mini", "data.num_classes=2", "data.image_size=16", "data.batch_size=6", "data.check_images=0", "data.num_workers=1")(tmp), f"data.data_dir={imagenet_tree(tmp)}"], "data error:", r"error: \S*n01/1\.JPEG cannot be decoded.*Fix"),
     ("eval_corrupt_run_config", "eval.py", entry_eval_corrupt_config, "error:", r"config\.yaml is not valid YAML"),

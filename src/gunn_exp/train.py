@@ -55,6 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule.check()  # bad data stops here, before the Trainer launches any process
     model: torch.nn.Module = instantiate(cfg.model)
     if cfg.get("init_from"):  # fine-tuning: start from another run's weights (weights.py)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)

@@ -80,6 +80,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def check(self) -> None:
+        """Cheap checks of the data on disk, raising DataError; train() runs them in every process
+        before the Trainer starts, so bad data stops a run (DDP included) in one line before any
+        process is launched. Downloads stay in `prepare_data`. Nothing to check by default."""
+
     @property
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

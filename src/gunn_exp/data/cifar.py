@@ -122,6 +122,17 @@ class CIFARDataModule(ImageDataModule):
     def _dataset_class(self) -> type[CIFAR10]:
         return _DATASETS[self.name][0] if self.verify_checksums else _UNCHECKED[self.name]
 
+    def check(self) -> None:
+        """The folder and every batch file, unless `download` (then prepare_data fetches what is
+        missing or fails its md5)."""
+        check_data_dir(self.data_dir, "paths.data_dir")
+        _, folder, _ = _DATASETS[self.name]
+        if not self.download and (
+            not (self.data_dir / folder).is_dir()
+            or _first_bad_file(self._dataset_class, self.data_dir / folder, self.verify_checksums)
+        ):
+            raise self._data_error(FileNotFoundError(self.data_dir / folder))
+
     def prepare_data(self) -> None:
         check_data_dir(self.data_dir, "paths.data_dir")
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -42,10 +41,11 @@ class ImageNetDataModule(ImageDataModule):
     """Reads `data_dir/train/<class>/*` and `data_dir/val/<class>/*` (the usual ILSVRC-2012 layout
     with the validation images moved into class folders). The paper evaluated on val.
 
-    The tree is checked in `setup()` before any training: both splits hold the same classes, none
-    empty, as many as `num_classes`, and `check_images` files of each split decode (a fixed random
-    sample; `all`: every file, slow on 1.28M images; 0: none). A file that fails later, in the
-    loader, stops the run naming it (`load_rgb`).
+    `check()` (run by train.py in every process before the Trainer starts, and by prepare_data)
+    refuses a bad tree: both splits must hold the same classes, none empty, as many as
+    `num_classes`, and `check_images` files of each split must decode (a fixed random sample;
+    `all`: every file, slow on 1.28M images; 0: none). A file that fails later, in the loader,
+    stops the run naming it (`load_rgb`).
     """
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -68,64 +68,80 @@ class ImageNetDataModule(ImageDataModule):
         self.check_images = check_images
 
     def prepare_data(self) -> None:
-        for split in ("train", "val"):
-            self._check_split(split)
+        self.check()
 
-    def _check_split(self, split: str) -> Path:
-        check_data_dir(self.data_dir)
-        folder = self.data_dir / split
-        if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
-            raise DataError(
-                f"imagenet: {folder} is missing or has no class folders. ImageNet cannot be "
-                f"downloaded automatically (it needs an account at image-net.org). Fix: put "
-                f"ILSVRC-2012 at {self.data_dir} as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
-                f"(e.g. with the valprep.sh script), or set data.data_dir=<folder>."
-            )
-        return folder
-
-    def _image_folder(self, split: str, transform: object) -> ImageFolder:
-        """The split as an ImageFolder; an empty class folder is named (torchvision's own error
-        lists every class)."""
-        folder = self._check_split(split)
-        dataset = ImageFolder(str(folder), transform=transform, loader=load_rgb, allow_empty=True)
-        counts = Counter(dataset.targets)
-        empty = [c for i, c in enumerate(dataset.classes) if counts[i] == 0]
-        if empty:
-            raise DataError(
-                f"imagenet: {folder / empty[0]} has no image files ({len(empty)} empty class "
-                f"folder(s) in {folder}; extensions read: {', '.join(IMG_EXTENSIONS)}). Fix: put "
-                f"its images there, or remove the folder from train/ and val/."
-            )
-        return dataset
-
-    def setup(self, stage: str | None = None) -> None:
-        size = self.image_size
-        train = self._image_folder("train", imagenet_train_transform(size))
-        val = self._image_folder("val", imagenet_eval_transform(size, self.ten_crop))
-        for here, there, a, b in (("train", "val", train, val), ("val", "train", val, train)):
-            only = sorted(set(a.classes) - set(b.classes))
+    def check(self) -> None:
+        """The tree without a full scan (cheap for 1.28M files): class folders with images, the
+        same in both splits, `num_classes` of them, and a sample of files that decodes."""
+        classes = {split: self._class_folders(split) for split in ("train", "val")}
+        for here, there in (("train", "val"), ("val", "train")):
+            only = sorted(set(classes[here]) - set(classes[there]))
             if only:
                 raise DataError(
                     f"imagenet: class {only[0]} is in {self.data_dir / here} but not in "
                     f"{self.data_dir / there} ({len(only)} such class(es)). Fix: add its "
                     f"{there} images, or remove it from {here}/: both splits need the same classes."
                 )
-        if len(train.classes) != self.num_classes:
+        found = len(classes["train"])
+        if found != self.num_classes:
             raise DataError(
-                f"imagenet: {self.data_dir} has {len(train.classes)} classes but "
-                f"data.num_classes={self.num_classes}; set data.num_classes={len(train.classes)}."
+                f"imagenet: {self.data_dir} has {found} classes but data.num_classes="
+                f"{self.num_classes}; set data.num_classes={found}."
             )
-        for dataset in (train, val):
-            _check_sample(dataset, self.check_images)
+        for folders in classes.values():
+            _check_sample(list(folders.values()), self.check_images)
+
+    def _class_folders(self, split: str) -> dict[str, Path]:
+        check_data_dir(self.data_dir)
+        folder = self.data_dir / split
+        found = {p.name: p for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else {}
+        if not found:
+            raise DataError(
+                f"imagenet: {folder} is missing or has no class folders. ImageNet cannot be "
+                f"downloaded automatically (it needs an account at image-net.org). Fix: put "
+                f"ILSVRC-2012 at {self.data_dir} as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG "
+                f"(e.g. with the valprep.sh script), or set data.data_dir=<folder>."
+            )
+        for class_folder in found.values():  # any(): stops at the first image of each class
+            if not any(_is_image(f) for f in class_folder.iterdir()):
+                raise DataError(
+                    f"imagenet: {class_folder} has no image files (extensions read: "
+                    f"{', '.join(IMG_EXTENSIONS)}). Fix: put its images there, or remove the "
+                    f"class from train/ and val/."
+                )
+        return dict(sorted(found.items()))
+
+    def setup(self, stage: str | None = None) -> None:
+        size = self.image_size
+        # Checked by check() (train.py) or prepare_data() (eval.py): here only the full listing.
+        train = ImageFolder(
+            str(self.data_dir / "train"), imagenet_train_transform(size), loader=load_rgb
+        )
+        val = ImageFolder(
+            str(self.data_dir / "val"),
+            imagenet_eval_transform(size, self.ten_crop),
+            loader=load_rgb,
+        )
         self.classes = train.classes
         self.train_set, self.val_set, self.test_set = train, val, val
 
 
-def _check_sample(dataset: ImageFolder, count: int | Literal["all"]) -> None:
-    """Decode `count` files of `dataset` (a fixed random sample) or all of them; the first that
-    fails raises load_rgb's DataError, before any training step."""
-    paths = [path for path, _ in dataset.samples]
-    if count != "all" and count < len(paths):
-        paths = random.Random(0).sample(paths, count)
-    for path in paths:
-        load_rgb(path)
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS  # by name only: no stat per file
+
+
+def _check_sample(class_folders: list[Path], count: int | Literal["all"]) -> None:
+    """Decode `count` files (a fixed random sample, drawn class by class so that only the drawn
+    classes are listed) or all of them; the first that fails raises load_rgb's DataError."""
+    if count == "all":
+        for folder in class_folders:
+            for path in sorted(filter(_is_image, folder.iterdir())):
+                load_rgb(str(path))
+        return
+    rng = random.Random(0)
+    listed: dict[Path, list[Path]] = {}
+    for _ in range(count):
+        folder = rng.choice(class_folders)
+        if folder not in listed:
+            listed[folder] = sorted(filter(_is_image, folder.iterdir()))
+        load_rgb(str(rng.choice(listed[folder])))
