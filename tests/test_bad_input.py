@@ -80,14 +80,19 @@ def same_error(*steps: Callable[[], object]) -> None:
 
 
 def cifar(
-    file: str = "", how: str = "", data_dir: str = "", verify: bool = False, **content: object
+    file: str = "",
+    how: str = "",
+    data_dir: str = "",
+    verify: bool = False,
+    name: str = "cifar10",
+    **content: object,
 ) -> Make:
-    """CIFARDataModule.prepare_data + setup on generated CIFAR-10 files, one of them damaged;
-    `content` replaces that file's pickle with a dict of the given keys instead."""
+    """CIFARDataModule check, prepare_data and setup on generated CIFAR files, one of them
+    damaged; `content` replaces that file's pickle with a dict of the given keys instead."""
 
     def make(tmp: Path) -> None:
-        write_cifar(tmp, "cifar10")
-        folder = tmp / "cifar-10-batches-py"
+        write_cifar(tmp, name)
+        folder = tmp / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
         if content:
             (folder / file).write_bytes(pickle.dumps(content))
         elif file:
@@ -95,7 +100,9 @@ def cifar(
         if data_dir == "file":
             (tmp / "a_file").write_text("not a folder")
         root = {"": tmp, "missing": tmp / "nothing", "file": tmp / "a_file"}[data_dir]
-        dm = CIFARDataModule(data_dir=str(root), download=False, verify_checksums=verify)
+        dm = CIFARDataModule(
+            name, data_dir=str(root), download=False, verify_checksums=verify, num_classes=10
+        )
         same_error(dm.check, dm.prepare_data, dm.setup)
 
     return make
@@ -188,6 +195,8 @@ CASES = [
     case("cifar_random_bytes_batch", cifar("test_batch", "random"), r"test_batch is corrupt.*download=true"),
     case("cifar_missing_meta", cifar("batches.meta", "delete"), r"batches\.meta is missing.*download=true"),
     case("cifar_meta_without_names", cifar("batches.meta", names=[]), r"batches\.meta is corrupt.*label_names"),
+    case("cifar100_truncated_train", cifar("train", "truncate", name="cifar100"), r"cifar-100-python/train is corrupt.*cifar-100-python\.tar\.gz"),
+    case("cifar100_meta_of_cifar10", cifar("meta", name="cifar100", label_names=["a"]), r"cifar-100-python/meta is corrupt.*no 'fine_label_names'"),
     case("cifar_md5_mismatch", cifar(verify=True), r"data_batch_1 is corrupt \(its md5.*download=true"),
     case("imagenet_missing", imagenet(data_dir="file"), r"a_file is a file, not a folder"),
     case("imagenet_truncated_jpeg", imagenet("train/n02/1.JPEG", "truncate"), r"n02/1\.JPEG cannot be decoded.*Fix"),
