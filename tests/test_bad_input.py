@@ -25,7 +25,7 @@ from PIL import Image
 
 from gunn_exp.checkpointing import CheckpointError
 from gunn_exp.config import ConfigError, register_resolvers, validate_config
-from gunn_exp.data import CIFARDataModule, DataError, ImageNetDataModule
+from gunn_exp.data import CIFARDataModule, DataError, DigitsDataModule, ImageNetDataModule
 from gunn_exp.inference import RunError, list_images, load_run, resolve_device
 from gunn_exp.preprocessing import Preprocessing
 
@@ -85,6 +85,7 @@ def cifar(
     data_dir: str = "",
     verify: bool = False,
     name: str = "cifar10",
+    num_classes: int | None = None,
     **content: object,
 ) -> Make:
     """CIFARDataModule check, prepare_data and setup on generated CIFAR files, one of them
@@ -101,7 +102,11 @@ def cifar(
             (tmp / "a_file").write_text("not a folder")
         root = {"": tmp, "missing": tmp / "nothing", "file": tmp / "a_file"}[data_dir]
         dm = CIFARDataModule(
-            name, data_dir=str(root), download=False, verify_checksums=verify, num_classes=10
+            name,
+            data_dir=str(root),
+            download=False,
+            verify_checksums=verify,
+            num_classes=num_classes or (10 if name == "cifar10" else 100),
         )
         same_error(dm.check, dm.prepare_data, dm.setup)
 
@@ -131,6 +136,7 @@ def imagenet(
     data_dir: str = "",
     check_images: int | str = 200,
     workers: int = 0,
+    num_classes: int = 2,
 ) -> Make:
     """ImageNetDataModule.prepare_data + setup (and one training batch when check_images=0, so
     the loader's own check is what must refuse) on a generated 2-class tree, damaged."""
@@ -149,7 +155,7 @@ def imagenet(
             root = tmp / "a_file" / "imagenet"
         dm = ImageNetDataModule(
             data_dir=str(root),
-            num_classes=2,
+            num_classes=num_classes,
             image_size=16,
             batch_size=6,
             num_workers=workers,
@@ -197,11 +203,14 @@ CASES = [
     case("cifar_meta_without_names", cifar("batches.meta", names=[]), r"batches\.meta is corrupt.*label_names"),
     case("cifar100_truncated_train", cifar("train", "truncate", name="cifar100"), r"cifar-100-python/train is corrupt.*cifar-100-python\.tar\.gz"),
     case("cifar100_meta_of_cifar10", cifar("meta", name="cifar100", label_names=["a"]), r"cifar-100-python/meta is corrupt.*no 'fine_label_names'"),
+    case("cifar_num_classes_wrong", cifar(num_classes=5), r"cifar10 has 10 classes but data\.num_classes=5; set data\.num_classes=10"),
     case("cifar_md5_mismatch", cifar(verify=True), r"data_batch_1 is corrupt \(its md5.*download=true"),
     case("imagenet_missing", imagenet(data_dir="file"), r"a_file is a file, not a folder"),
     case("imagenet_truncated_jpeg", imagenet("train/n02/1.JPEG", "truncate"), r"n02/1\.JPEG cannot be decoded.*Fix"),
     case("imagenet_random_bytes_jpeg", imagenet("val/n01/0.JPEG", "random"), r"n01/0\.JPEG cannot be decoded"),
     case("imagenet_bad_jpeg_in_loader", imagenet("train/n01/2.JPEG", "truncate", check_images=0, workers=1), r"^\S*n01/2\.JPEG cannot be decoded.*Fix"),
+    case("imagenet_num_classes_wrong", imagenet(num_classes=3), r"imagenet \(\S*imagenet\) has 2 classes but data\.num_classes=3; set data\.num_classes=2"),
+    case("digits_num_classes_wrong", lambda tmp: DigitsDataModule(num_classes=7).check(), r"digits has 10 classes but data\.num_classes=7"),
     case("imagenet_empty_class", imagenet(mkdir="train/n03"), r"train/n03 has no image files.*Fix"),
     case("imagenet_class_not_in_val", imagenet(drop="val/n02"), r"class n02 is in \S*/train but not in \S*/val.*Fix"),
     case("imagenet_class_not_in_train", imagenet(drop="train/n01"), r"class n01 is in \S*/val but not in \S*/train"),

@@ -85,6 +85,16 @@ class ImageDataModule(pl.LightningDataModule):
         before the Trainer starts, so bad data stops a run (DDP included) in one line before any
         process is launched. Downloads stay in `prepare_data`. Nothing to check by default."""
 
+    def check_class_count(self, found: int, where: str = "") -> None:
+        """`num_classes` must be the data's class count: fewer outputs than labels fail only
+        inside the loss, more leave classifier rows that are never trained."""
+        if found != self.num_classes:
+            where = f" ({where})" if where else ""
+            raise DataError(
+                f"{self.name}{where} has {found} classes but data.num_classes={self.num_classes}; "
+                f"set data.num_classes={found} (the model follows it)."
+            )
+
     @property
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -68,6 +68,7 @@ def _first_bad_file(
     return None
 
 
+_CLASSES = {"cifar10": 10, "cifar100": 100}
 _UNCHECKED = {"cifar10": _UncheckedCIFAR10, "cifar100": _UncheckedCIFAR100}
 
 _DATASETS = {
@@ -126,6 +127,7 @@ class CIFARDataModule(ImageDataModule):
         """The folder and every batch file, unless `download` (then prepare_data fetches what is
         missing or fails its md5)."""
         check_data_dir(self.data_dir, "paths.data_dir")
+        self.check_class_count(_CLASSES[self.name])
         _, folder, _ = _DATASETS[self.name]
         if not self.download and (
             not (self.data_dir / folder).is_dir()
@@ -135,6 +137,7 @@ class CIFARDataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         check_data_dir(self.data_dir, "paths.data_dir")
+        self.check_class_count(_CLASSES[self.name])
         try:
             for train in (True, False):
                 self._dataset_class(self.data_dir, train=train, download=self.download)
@@ -143,6 +146,7 @@ class CIFARDataModule(ImageDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         check_data_dir(self.data_dir, "paths.data_dir")
+        self.check_class_count(_CLASSES[self.name])
         try:
             self._setup()
         except DataError:

@@ -82,12 +82,7 @@ class ImageNetDataModule(ImageDataModule):
                     f"{self.data_dir / there} ({len(only)} such class(es)). Fix: add its "
                     f"{there} images, or remove it from {here}/: both splits need the same classes."
                 )
-        found = len(classes["train"])
-        if found != self.num_classes:
-            raise DataError(
-                f"imagenet: {self.data_dir} has {found} classes but data.num_classes="
-                f"{self.num_classes}; set data.num_classes={found}."
-            )
+        self.check_class_count(len(classes["train"]), str(self.data_dir))
         for folders in classes.values():
             _check_sample(list(folders.values()), self.check_images)
 
