@@ -10,6 +10,7 @@ import logging
 import sys
 
 from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.config import ConfigError
 from gunn_exp.inference import RunError, list_images, load_run
 from gunn_exp.predict import classify_images
 
@@ -28,7 +29,7 @@ def main() -> int:
         images = list_images(args.images)  # bad paths stop before the model is loaded
         run = load_run(args.run, args.ckpt, args.device)
         predictions, skipped = classify_images(run, images, args.top)
-    except (RunError, CheckpointError) as err:
+    except (RunError, CheckpointError, ConfigError) as err:  # + DataError: old runs rebuild data
         print(f"error: {err}", file=sys.stderr)
         return 2
     width = max((len(name) for p in predictions for name, _ in p.top), default=0)

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from gunn_exp.checkpointing import CheckpointError
+from gunn_exp.config import ConfigError
 from gunn_exp.inference import RunError, list_images, load_run
 from gunn_exp.predict import extract_features, save_features
 
@@ -32,7 +33,7 @@ def main() -> int:
         images = list_images(args.images)  # bad paths stop before the model is loaded
         run = load_run(args.run, args.ckpt, args.device)
         names, features, skipped = extract_features(run, images)
-    except (RunError, CheckpointError) as err:
+    except (RunError, CheckpointError, ConfigError) as err:  # + DataError: old runs rebuild data
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not names:
