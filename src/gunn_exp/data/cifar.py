@@ -40,7 +40,8 @@ def _first_bad_file(
     """(file, what is wrong) for the first batch or meta file that is missing, fails its md5
     (`verify_checksums`) or is not a readable CIFAR pickle; None when all look right.
 
-    Only called after a load failed, so reading every file again costs nothing in a good run.
+    check() runs it before a run that will not download (about a second for the real files);
+    after a failed load it names the culprit.
     """
     labels_key = "labels" if cls.meta["filename"] == "batches.meta" else "fine_labels"
     files = [(name, md5, True) for name, md5 in cls.train_list + cls.test_list]
@@ -50,8 +51,8 @@ def _first_bad_file(
         if not path.is_file():
             return path, "missing"
         if verify_checksums and not check_integrity(str(path), md5):
-            return path, "corrupt (its md5 is not the published one; data.verify_checksums=false "
-            "accepts re-packed copies)"
+            why = "its md5 is not the published one; data.verify_checksums=false accepts copies"
+            return path, f"corrupt ({why})"
         try:
             with path.open("rb") as f:
                 entry: Any = pickle.load(f, encoding="latin1")
@@ -126,8 +127,7 @@ class CIFARDataModule(ImageDataModule):
     def check(self) -> None:
         """The folder and every batch file, unless `download` (then prepare_data fetches what is
         missing or fails its md5)."""
-        check_data_dir(self.data_dir, "paths.data_dir")
-        self.check_class_count(_CLASSES[self.name])
+        self._check_settings()
         _, folder, _ = _DATASETS[self.name]
         if not self.download and (
             not (self.data_dir / folder).is_dir()
@@ -135,9 +135,14 @@ class CIFARDataModule(ImageDataModule):
         ):
             raise self._data_error(FileNotFoundError(self.data_dir / folder))
 
-    def prepare_data(self) -> None:
+    def _check_settings(self) -> None:
+        """What every entry (check, prepare_data, setup) refuses first: a data_dir under a file,
+        a class count that is not the dataset's."""
         check_data_dir(self.data_dir, "paths.data_dir")
         self.check_class_count(_CLASSES[self.name])
+
+    def prepare_data(self) -> None:
+        self._check_settings()
         try:
             for train in (True, False):
                 self._dataset_class(self.data_dir, train=train, download=self.download)
@@ -145,8 +150,7 @@ class CIFARDataModule(ImageDataModule):
             raise self._data_error(err) from err
 
     def setup(self, stage: str | None = None) -> None:
-        check_data_dir(self.data_dir, "paths.data_dir")
-        self.check_class_count(_CLASSES[self.name])
+        self._check_settings()
         try:
             self._setup()
         except DataError:
