@@ -23,7 +23,6 @@ from conftest import ROOT, compose_train, run_entry, write_cifar
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from gunn_exp.checkpointing import CheckpointError
 from gunn_exp.config import ConfigError, register_resolvers, validate_config
 from gunn_exp.data import CIFARDataModule, DataError, DigitsDataModule, ImageNetDataModule
 from gunn_exp.inference import RunError, list_images, load_run, resolve_device
@@ -31,7 +30,7 @@ from gunn_exp.preprocessing import Preprocessing
 
 register_resolvers()
 
-EXIT_2 = (DataError, ConfigError, RunError, CheckpointError)  # what entry points exit 2 on
+EXIT_2 = (DataError, ConfigError, RunError)  # what the entry points exit 2 on
 Make = Callable[[Path], object]
 
 
