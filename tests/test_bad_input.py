@@ -213,6 +213,7 @@ CASES = [
     case("imagenet_empty_class", imagenet(mkdir="train/n03"), r"train/n03 has no image files.*Fix"),
     case("imagenet_class_not_in_val", imagenet(drop="val/n02"), r"class n02 is in \S*/train but not in \S*/val.*Fix"),
     case("imagenet_class_not_in_train", imagenet(drop="train/n01"), r"class n01 is in \S*/val but not in \S*/train"),
+    case("check_images_invalid", config("data=imagenet", "data.check_images=some"), r"data\.check_images='some' is invalid: .* or all"),
     case("batch_not_divisible", config("experiment=digits", "trainer=ddp_cpu", "data.batch_size=63"), r"data\.batch_size=63 .*2 processes.*=62"),
     case("num_classes_too_small", config("experiment=digits", "model.num_classes=5"), r"model\.num_classes=5 .*data\.num_classes=10"),
     case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),

@@ -66,6 +66,10 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], Callable[[], str] | str]] = {
     "data.num_workers": (_non_negative_int, "an integer >= 0"),
     "data.image_size": (_positive_int, "a positive integer (pixels)"),
     "data.val_size": (_non_negative_int, "an integer >= 0 (held-out training images)"),
+    "data.check_images": (
+        lambda v: v == "all" or _non_negative_int(v),
+        "an integer >= 0 (images decoded per split before training) or all",
+    ),
     "trainer.max_epochs": (_positive_int, "a positive integer"),
     "trainer.limit_train_batches": (
         _batch_limit,

@@ -66,9 +66,11 @@ class ImageNetDataModule(ImageDataModule):
         self.data_dir = Path(data_dir)
         self.ten_crop = ten_crop
         self.check_images = check_images
+        self._checked = False
 
     def prepare_data(self) -> None:
-        self.check()
+        if not self._checked:  # train.py has run check() already in this process
+            self.check()
 
     def check(self) -> None:
         """The tree without a full scan (cheap for 1.28M files): class folders with images, the
@@ -85,6 +87,7 @@ class ImageNetDataModule(ImageDataModule):
         self.check_class_count(len(classes["train"]), str(self.data_dir))
         for folders in classes.values():
             _check_sample(list(folders.values()), self.check_images)
+        self._checked = True
 
     def _class_folders(self, split: str) -> dict[str, Path]:
         check_data_dir(self.data_dir)
