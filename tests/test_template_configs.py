@@ -136,3 +136,19 @@ def test_profiler_run_with_composed_callbacks(run_train) -> None:
     report = (run_dir / "fit-profiler.txt").read_text()
     assert "run_training_batch" in report and "Total" in report
     assert json.loads((run_dir / "results.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ("tensorboard", ["TensorBoardLogger"]),
+        ("mlflow", ["MLFlowLogger"]),
+        ("many", ["CSVLogger", "MLFlowLogger", "TensorBoardLogger"]),
+        ("[many,wandb]", ["CSVLogger", "MLFlowLogger", "TensorBoardLogger", "WandbLogger"]),
+        ("[csv,tensorboard]", ["CSVLogger", "TensorBoardLogger"]),
+    ],
+)
+def test_logger_configs_compose(choice: str, expected: list[str]) -> None:
+    cfg = compose_train(f"logger={choice}")
+    # Loggers connect or write on first use only: instantiating them here touches nothing.
+    assert type_names([instantiate(conf) for conf in cfg.logger.values()]) == expected
