@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 
@@ -48,9 +50,6 @@ def log_curves(loggers: list[Logger], path: Path) -> None:
         if isinstance(logger, WandbLogger):
             logger.log_image(key="curves", images=[str(path)])
         elif isinstance(logger, TensorBoardLogger):
-            import numpy as np
-            from PIL import Image
-
             with Image.open(path) as img:
                 pixels = np.asarray(img.convert("RGB"))
             logger.experiment.add_image("curves", pixels, dataformats="HWC")

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from gunn_exp.callbacks import EpochSummary
 from gunn_exp.checkpointing import AtomicCheckpointIO
 from gunn_exp.config import print_config, save_config, validate_config
+from gunn_exp.data import ImageDataModule
 from gunn_exp.launch import (
     check_rank_run_dirs,
     in_multirun,
@@ -54,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule: ImageDataModule = instantiate(cfg.data)
     datamodule.check()  # bad data stops here, before the Trainer launches any process
     model: torch.nn.Module = instantiate(cfg.model)
     if cfg.get("init_from"):  # fine-tuning: start from another run's weights (weights.py)
