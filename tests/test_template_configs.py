@@ -84,10 +84,11 @@ def test_debug_configs() -> None:
     assert isinstance(profiler, SimpleProfiler)
 
 
-@pytest.mark.parametrize("uri", ["http://tracking.example:5000", "sqlite:////tmp/x/mlflow.db"])
-def test_mlflow_tracking_uri_is_a_setting(uri: str) -> None:
+@pytest.mark.parametrize("uri", ["http://tracking.example:5000", "sqlite:///{tmp}/mlflow.db"])
+def test_mlflow_tracking_uri_is_a_setting(uri: str, tmp_path: Path) -> None:
+    uri = uri.format(tmp=tmp_path)
     cfg = compose_train("logger=mlflow", f"logger.mlflow.tracking_uri={uri}")
-    logger = instantiate(cfg.logger.mlflow)  # no connection until the first write
+    logger = instantiate(cfg.logger.mlflow)  # a server is contacted at the first write only
     assert isinstance(logger, MLFlowLogger) and logger._tracking_uri == uri
 
 
@@ -148,7 +149,6 @@ def test_profiler_run_with_composed_callbacks(run_train) -> None:
         ("[csv,tensorboard]", ["CSVLogger", "TensorBoardLogger"]),
     ],
 )
-def test_logger_configs_compose(choice: str, expected: list[str]) -> None:
-    cfg = compose_train(f"logger={choice}")
-    # Loggers connect or write on first use only: instantiating them here touches nothing.
+def test_logger_configs_compose(choice: str, expected: list[str], tmp_path: Path) -> None:
+    cfg = compose_train(f"logger={choice}", f"paths.log_dir={tmp_path}")  # MLflow's store
     assert type_names([instantiate(conf) for conf in cfg.logger.values()]) == expected
