@@ -22,8 +22,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = parser.parse_args()
     cli.prepare(__file__, log_info=True)
+    images = list_images(args.images)  # bad paths stop before the model is loaded
     run = load_run(args.run, args.ckpt, args.device)
-    predictions, skipped = classify_images(run, list_images(args.images), args.top)
+    predictions, skipped = classify_images(run, images, args.top)
     width = max((len(name) for p in predictions for name, _ in p.top), default=0)
     for p in predictions:
         print(p.name)

@@ -26,8 +26,9 @@ def main() -> int:
     if not args.output.endswith((".npy", ".pt")):
         parser.error(f"--output {args.output}: must end in .npy or .pt")
     cli.prepare(__file__, log_info=True)
+    images = list_images(args.images)  # bad paths stop before the model is loaded
     run = load_run(args.run, args.ckpt, args.device)
-    names, features, skipped = extract_features(run, list_images(args.images))
+    names, features, skipped = extract_features(run, images)
     if not names:
         print("error: no image could be read; nothing written.", file=sys.stderr)
         return 1

@@ -33,6 +33,13 @@ def _positive_number(v: Any) -> bool:
     return _non_negative_number(v) and v > 0
 
 
+def _batch_limit(v: Any) -> bool:
+    """Lightning's limit_*_batches: a batch count >= 1 or a fraction in (0, 1]; 0 trains nothing."""
+    if isinstance(v, bool):
+        return False
+    return v is None or (isinstance(v, int) and v > 0) or (isinstance(v, float) and 0 < v <= 1)
+
+
 def _one_of(choices: Callable[[], Sequence[Any]]) -> Callable[[Any], bool]:
     return lambda v: v in choices()
 
@@ -75,11 +82,100 @@ CHECKS: dict[str, Check] = {
     "data.batch_size": (_positive_int, "a positive integer (the global batch)"),
     "data.num_workers": (_non_negative_int, "an integer >= 0"),
     "data.image_size": (_positive_int, "a positive integer (pixels)"),
+    "data.val_size": (_non_negative_int, "an integer >= 0 (held-out training images)"),
+    "data.check_images": (
+        lambda v: v == "all" or _non_negative_int(v),
+        "an integer >= 0 (images decoded per split before training) or all",
+    ),
     "trainer.max_epochs": (_positive_int, "a positive integer"),
+    "trainer.limit_train_batches": (
+        _batch_limit,
+        "a number of batches >= 1 or a fraction in (0, 1] (0 would train nothing)",
+    ),
+    "scheduler.T_max": (_positive_int, "a positive number of epochs (the cosine period)"),
     "optimizer.lr": (_positive_number, "a positive number"),
     "optimizer.weight_decay": (_non_negative_number, "a number >= 0"),
     "optimizer.momentum": (_non_negative_number, "a number >= 0"),
 }
+
+
+def _check_num_classes(cfg: DictConfig) -> None:
+    """A classifier with fewer outputs than the data has labels fails only inside the loss."""
+    model = OmegaConf.select(cfg, "model.num_classes")
+    data = OmegaConf.select(cfg, "data.num_classes")
+    if _positive_int(model) and _positive_int(data) and model < data:
+        raise ConfigError(
+            f"model.num_classes={model} is smaller than data.num_classes={data} (labels go up to "
+            f"{data - 1}); set model.num_classes={data} or drop the override (it follows the data)."
+        )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_gpu_present(cfg: DictConfig) -> None:
+    """`trainer=gpu` (or eval's `device=cuda`) on a machine without a CUDA GPU."""
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    device = OmegaConf.select(cfg, "device")
+    if str(accelerator) in ("gpu", "cuda") and not _has_cuda():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this machine has no CUDA GPU (torch sees none); "
+            f"use trainer=cpu (or trainer.accelerator=auto, which falls back to the CPU)."
+        )
+    if str(device).startswith("cuda") and not _has_cuda():
+        raise ConfigError(
+            f"device={device}: this machine has no CUDA GPU (torch sees none); use device=cpu "
+            f"or device=auto."
+        )
+
+
+def processes(cfg: DictConfig) -> int | None:
+    """How many training processes `cfg.trainer` starts (devices x nodes), None when only the
+    hardware knows (devices=-1/auto on a CPU)."""
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        count = len(devices)
+    elif isinstance(devices, int) and devices > 0:
+        count = devices
+    elif devices in (-1, "auto") and str(OmegaConf.select(cfg, "trainer.accelerator")) in (
+        "gpu",
+        "cuda",
+    ):
+        import torch
+
+        count = torch.cuda.device_count()
+    else:
+        return None
+    return count * nodes if _positive_int(nodes) else None
+
+
+def _check_batch_split(cfg: DictConfig) -> None:
+    """data.batch_size is the global batch: each of the N processes takes batch_size / N."""
+    batch = OmegaConf.select(cfg, "data.batch_size")
+    world = processes(cfg) if OmegaConf.select(cfg, "trainer") is not None else None
+    if _positive_int(batch) and world and batch % world:
+        lower = max(batch - batch % world, world)
+        raise ConfigError(
+            f"data.batch_size={batch} (the global batch) is not divisible by the {world} "
+            f"processes of this run (trainer.devices x trainer.num_nodes); use a multiple of "
+            f"{world}, e.g. data.batch_size={lower}."
+        )
+
+
+# Checks that relate several keys, run after the per-key CHECKS (so each value is well-typed).
+CROSS_CHECKS: list[Callable[[DictConfig], None]] = [
+    _check_num_classes,
+    _check_batch_split,
+    _check_gpu_present,
+]
 
 
 def validate_config(cfg: DictConfig, registry: bool = True) -> None:
@@ -100,3 +196,5 @@ def validate_config(cfg: DictConfig, registry: bool = True) -> None:
         if not ok(value):
             hint = expected() if callable(expected) else expected
             raise ConfigError(f"{key}={value!r} is invalid: expected {hint}.")
+    for check in CROSS_CHECKS:
+        check(cfg)

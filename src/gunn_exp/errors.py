@@ -13,6 +13,26 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
 
 
+# How DataLoader workers re-raise an exception in the main process (torch's ExceptionWrapper):
+# "Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...\n<module>.<Type>: <msg>".
+_WORKER_PREFIX = "Caught "
+
+
+class DataError(ConfigError):
+    """Data that cannot be used (missing, corrupt, inconsistent); the message names the file or
+    folder and the fix. A ConfigError, so entry points stop with exit code 2 and one line.
+
+    Raised inside a DataLoader worker it comes back re-created from the worker's whole traceback
+    text; the constructor keeps only the original one-line message so the report stays one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(_WORKER_PREFIX) and "Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(" ".join(message.split()))  # one line, whatever the wrapped error said
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 

@@ -19,7 +19,10 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -62,7 +65,30 @@ def run_model_name(path: str | Path) -> str | None:
     run_dir = find_run_dir(path)
     if run_dir is None:
         return None
-    return OmegaConf.select(OmegaConf.load(run_dir / CONFIG), "model.name")
+    return OmegaConf.select(read_config(run_dir), "model.name")
+
+
+def read_config(run_dir: str | Path) -> DictConfig:
+    """`<run_dir>/config.yaml`, refused in one line when it is not a readable run config (a YAML
+    error from an edit, a truncated copy) rather than with the parser's traceback."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from gunn_exp.errors import RunError
+
+    path = Path(run_dir) / CONFIG
+    fix = (
+        f"Fix: restore it from a copy of the run, or rewrite it from {run_dir}/.hydra/config.yaml "
+        f"(the unresolved config Hydra saved)."
+    )
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError, UnicodeDecodeError, ...
+        where = " ".join(str(err).split())
+        raise RunError(f"{path} is not valid YAML ({type(err).__name__}: {where}). {fix}") from err
+    name = OmegaConf.select(config, "model.name") if isinstance(config, DictConfig) else None
+    if not name:
+        raise RunError(f"{path} has no model.name, so it is not a train.py run config. {fix}")
+    return config
 
 
 def atomic_write(path: str | Path, content: str | bytes | Callable[[IO[bytes]], None]) -> Path:

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from gunn_exp.errors import DataError
+
+
+def check_data_dir(path: Path, key: str = "data.data_dir") -> None:
+    """Refuse a data folder that is, or lies under, a file (a `paths.data_dir` typo), before any
+    dataset code gives a less direct error. A folder that does not exist yet is fine here."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == path else f" (in {key}={path})"
+        raise DataError(
+            f"{existing} is a file, not a folder{where}. Fix: set paths.data_dir (or {key}) to "
+            f"the folder that holds the datasets."
+        )
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -45,11 +61,26 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def check(self) -> None:
+        """Cheap checks of the data on disk, raising DataError; train() runs them in every process
+        before the Trainer starts, so bad data stops a run (DDP included) in one line before any
+        process is launched. Downloads stay in `prepare_data`. Nothing to check by default."""
+
+    def check_class_count(self, found: int, where: str = "") -> None:
+        """`num_classes` must be the data's class count: fewer outputs than labels fail only
+        inside the loss, more leave classifier rows that are never trained."""
+        if found != self.num_classes:
+            where = f" ({where})" if where else ""
+            raise DataError(
+                f"{self.name}{where} has {found} classes but data.num_classes={self.num_classes}; "
+                f"set data.num_classes={found} (the model follows it)."
+            )
+
     @property
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
-            raise ValueError(
+            raise DataError(
                 f"data.batch_size={self.batch_size} (the global batch) is not divisible by the "
                 f"{world} processes of this run; use a multiple of {world}."
             )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity
 
-from gunn_exp.data.base import ImageDataModule
+from gunn_exp.data.base import DataError, ImageDataModule, check_data_dir
 from gunn_exp.data.device_loader import DeviceLoader
 from gunn_exp.data.transforms import cifar_eval_transform, cifar_stats, cifar_train_transform
 
@@ -31,6 +34,42 @@ class _UncheckedCIFAR100(_UncheckedCIFAR10, CIFAR100):
     pass
 
 
+def _first_bad_file(
+    cls: type[CIFAR10], folder: Path, verify_checksums: bool
+) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the first batch or meta file that is missing, fails its md5
+    (`verify_checksums`) or is not a readable CIFAR pickle; None when all look right.
+
+    check() runs it before a run that will not download (about a second for the real files);
+    after a failed load it names the culprit.
+    """
+    labels_key = "labels" if cls.meta["filename"] == "batches.meta" else "fine_labels"
+    files = [(name, md5, True) for name, md5 in cls.train_list + cls.test_list]
+    files.append((cls.meta["filename"], cls.meta["md5"], False))
+    for name, md5, is_batch in files:
+        path = folder / name
+        if not path.is_file():
+            return path, "missing"
+        if verify_checksums and not check_integrity(str(path), md5):
+            why = "its md5 is not the published one; data.verify_checksums=false accepts copies"
+            return path, f"corrupt ({why})"
+        try:
+            with path.open("rb") as f:
+                entry: Any = pickle.load(f, encoding="latin1")
+        except Exception as err:  # truncated or random bytes: EOFError, UnpicklingError, ...
+            return path, f"corrupt (cannot be unpickled: {type(err).__name__}: {err})"
+        key = labels_key if is_batch else cls.meta["key"]
+        if not isinstance(entry, dict) or key not in entry:
+            return path, f"corrupt (not a CIFAR {'batch' if is_batch else 'meta'} file: no {key!r})"
+        if is_batch:
+            data = entry.get("data")
+            rows = data.shape[0] if isinstance(data, np.ndarray) and data.ndim == 2 else None
+            if rows is None or data.shape[1] != 3 * 32 * 32 or rows != len(entry[key]):
+                return path, "corrupt (its 'data' is not N rows of 3x32x32 values with N labels)"
+    return None
+
+
+_CLASSES = {"cifar10": 10, "cifar100": 100}
 _UNCHECKED = {"cifar10": _UncheckedCIFAR10, "cifar100": _UncheckedCIFAR100}
 
 _DATASETS = {
@@ -85,22 +124,41 @@ class CIFARDataModule(ImageDataModule):
     def _dataset_class(self) -> type[CIFAR10]:
         return _DATASETS[self.name][0] if self.verify_checksums else _UNCHECKED[self.name]
 
+    def check(self) -> None:
+        """The folder and every batch file, unless `download` (then prepare_data fetches what is
+        missing or fails its md5)."""
+        self._check_settings()
+        _, folder, _ = _DATASETS[self.name]
+        if not self.download and (
+            not (self.data_dir / folder).is_dir()
+            or _first_bad_file(self._dataset_class, self.data_dir / folder, self.verify_checksums)
+        ):
+            raise self._data_error(FileNotFoundError(self.data_dir / folder))
+
+    def _check_settings(self) -> None:
+        """What every entry (check, prepare_data, setup) refuses first: a data_dir under a file,
+        a class count that is not the dataset's."""
+        check_data_dir(self.data_dir, "paths.data_dir")
+        self.check_class_count(_CLASSES[self.name])
+
     def prepare_data(self) -> None:
-        _, folder, url = _DATASETS[self.name]
-        cls = self._dataset_class
+        self._check_settings()
         try:
             for train in (True, False):
-                cls(self.data_dir, train=train, download=self.download)
+                self._dataset_class(self.data_dir, train=train, download=self.download)
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError variously
-            raise FileNotFoundError(
-                f"{self.name}: the dataset is not in {self.data_dir / folder} "
-                f"({'download failed: ' + str(err) if self.download else 'data.download=false'}). "
-                f"Fix: download {url} and extract it into {self.data_dir} (so that "
-                f"{self.data_dir / folder} holds the batch files), or point paths.data_dir at a "
-                f"folder that has it."
-            ) from err
+            raise self._data_error(err) from err
 
     def setup(self, stage: str | None = None) -> None:
+        self._check_settings()
+        try:
+            self._setup()
+        except DataError:
+            raise
+        except Exception as err:  # setup() without prepare_data() (eval.py, DDP ranks > 0)
+            raise self._data_error(err) from err
+
+    def _setup(self) -> None:
         cls = self._dataset_class
         train = cls(
             self.data_dir, train=True, transform=cifar_train_transform(self.name, self.jigsaw)
@@ -116,6 +174,28 @@ class CIFARDataModule(ImageDataModule):
         else:
             self.train_set, self.val_set = train, test
         self.test_set = test
+
+    def _data_error(self, err: Exception) -> DataError:
+        """One line for a failed load: which file is missing or corrupt when the folder is there
+        (a damaged extraction), else that the dataset is not in `data_dir`; both with the fix."""
+        _, folder, url = _DATASETS[self.name]
+        folder = self.data_dir / folder
+        download = f"data.download=true failed: {err}" if self.download else "data.download=false"
+        if not folder.is_dir():
+            return DataError(
+                f"{self.name}: the dataset is not in {folder} ({download}). Fix: download {url} "
+                f"and extract it into {self.data_dir} (so that {folder} holds the batch files), "
+                f"or point paths.data_dir at a folder that has it."
+            )
+        refetch = (
+            f"Fix: delete {folder} and run again with data.download=true to fetch {url} again "
+            f"(or extract that archive into {self.data_dir} yourself)."
+        )
+        bad = _first_bad_file(self._dataset_class, folder, self.verify_checksums)
+        if bad is None:  # every file reads: say what failed rather than guess
+            return DataError(f"{self.name}: {folder} could not be loaded ({err}). {refetch}")
+        path, why = bad
+        return DataError(f"{self.name}: {path} is {why}. {refetch}")
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         if not self.on_device:

@@ -39,6 +39,9 @@ class DigitsDataModule(ImageDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
 
+    def check(self) -> None:
+        self.check_class_count(10)
+
     def setup(self, stage: str | None = None) -> None:
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0

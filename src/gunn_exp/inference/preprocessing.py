@@ -13,12 +13,35 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
 from gunn_exp import rundir
 from gunn_exp.data import DigitsDataModule, ImageDataModule, ImageNetDataModule
+
+# Pillow's modes for 16-bit grey pixels (16-bit colour PNGs are already read as 8-bit "RGB").
+_GREY_16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_8bit(img: Image.Image, path: str | Path = "image") -> Image.Image:
+    """`img` with 8-bit pixels, as the models were trained on.
+
+    Pillow's own convert() clips 16-bit grey values to 255 (a 16-bit PNG turns almost white), so
+    they are scaled: v * 255 / 65535, rounded, which gives back exactly the 8-bit picture that was
+    widened to 16 bits (v * 257). 32-bit integer or float pixels (mode I, F: TIFF, some PNGs) have
+    no agreed range, so they are refused rather than guessed.
+    """
+    if img.mode in _GREY_16:
+        wide = np.asarray(img, dtype=np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # mode L
+    if img.mode in ("I", "F"):
+        raise ValueError(
+            f"{path}: {img.mode!r} pixels (32-bit integer or float) have no fixed range to map to "
+            f"8 bits; save it as an 8- or 16-bit PNG or a JPEG."
+        )
+    return img
 
 
 @dataclass(frozen=True)
@@ -77,7 +100,7 @@ class Preprocessing:
     def load(self, path: str | Path) -> Tensor:
         """Read and preprocess one image file (PIL errors propagate: the caller reports them)."""
         with Image.open(path) as img:
-            return self(img)
+            return self(to_8bit(img, path))
 
     def save(self, folder: str | Path) -> Path:
         return rundir.write_json(Path(folder) / rundir.PREPROCESSING, asdict(self), sort_keys=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -103,7 +103,7 @@ def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
 def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> Run:
     """Build the run's model from its config.yaml, load the checkpoint, put it in eval mode."""
     run_dir, checkpoint = find_run(path, ckpt)
-    config = OmegaConf.load(run_dir / rundir.CONFIG)
+    config = rundir.read_config(run_dir)
     model: nn.Module = instantiate(config.model)
     loaded = load_weights(model, checkpoint, str(config.model.name))
     model.eval().to(resolve_device(device))
@@ -114,10 +114,19 @@ def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = 
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU."""
+    """`auto`: the GPU when there is one, else the CPU. A CUDA device on a machine without one is
+    refused here, before the model is moved (torch's own error comes later and less clearly)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise RunError(
+            f"device {device!r} is not a device torch knows ({err}); use cpu, cuda or auto."
+        ) from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {device!r}: this machine has no CUDA GPU; use cpu or auto.")
+    return resolved
 
 
 @torch.no_grad()
@@ -148,6 +157,11 @@ def list_images(inputs: Sequence[str | Path]) -> list[tuple[Path, str]]:
     for item in map(Path, inputs):
         if item.is_dir():
             files = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+            if not files:
+                raise RunError(
+                    f"{item}: the folder holds no image files (searched recursively for "
+                    f"{', '.join(IMG_EXTENSIONS)}); pass a folder with images, or the files."
+                )
             found += [(p, str(p.relative_to(item))) for p in files]
         elif item.exists():
             found.append((item, str(item)))

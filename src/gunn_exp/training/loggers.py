@@ -1,5 +1,9 @@
 """Experiment-logger extras Lightning does not do for us: wandb sweep groups, one wandb run per
-run directory across resumes, the config as hyper-parameters, plots."""
+run directory across resumes, the config as hyper-parameters, plots.
+
+Lightning gives every logger the metrics and `log_hyperparams`; the final curves image needs each
+library's own call (wandb: an image, TensorBoard: an image summary, MLflow: an artifact).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger, WandbLogger
+from PIL import Image
+from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
@@ -63,12 +69,19 @@ def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
 
 
 def log_curves(loggers: list[Logger], path: Path) -> None:
-    """Attach the run's final curves plot to wandb runs."""
+    """Attach the run's final curves plot to wandb, TensorBoard and MLflow runs."""
     if not path.is_file():
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key="curves", images=[str(path)])
+        elif isinstance(logger, TensorBoardLogger):
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            logger.experiment.add_image("curves", pixels, dataformats="HWC")
+            logger.experiment.flush()
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path))
 
 
 # Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.

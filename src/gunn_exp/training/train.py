@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
 from gunn_exp.config import validate_config
+from gunn_exp.data import ImageDataModule
 from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.weights import init_from_checkpoint
 from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
@@ -57,7 +58,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule: ImageDataModule = instantiate(cfg.data)
+    datamodule.check()  # bad data stops here, before the Trainer launches any process
     model: torch.nn.Module = instantiate(cfg.model)
     if cfg.init_from:  # fine-tuning: start from another run's weights (inference/weights.py)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)

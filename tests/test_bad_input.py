@@ -1,0 +1,349 @@
+"""Bad input stops before any training step with exit code 2 and one line naming the value or
+file and the fix, no traceback (issue 12 §2).
+
+Each case is one row. CASES run in-process: `make` builds the input under tmp_path and calls the
+check that must refuse it, which raises one of the exit-2 errors (the entry points map them to
+exit 2, tested once per route in ENTRY_CASES, which start the real scripts).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, compose_train, run_entry, write_cifar
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from gunn_exp.config import validate_config
+from gunn_exp.data import CIFARDataModule, DataError, DigitsDataModule, ImageNetDataModule
+from gunn_exp.errors import ConfigError, RunError
+from gunn_exp.inference.preprocessing import Preprocessing
+from gunn_exp.inference.run import list_images, load_run, resolve_device
+from gunn_exp.training.schedules import register_resolvers
+
+register_resolvers()
+
+EXIT_2 = (DataError, ConfigError, RunError)  # what the entry points exit 2 on
+Make = Callable[[Path], object]
+
+
+# --- builders: each returns a `make(tmp_path)` that runs the check on freshly generated input ---
+
+
+def config(*overrides: str) -> Make:
+    """validate_config on what `train.py <overrides>` would compose."""
+    return lambda tmp: validate_config(compose_train(*overrides))
+
+
+def eval_config(*overrides: str) -> Make:
+    def make(tmp: Path) -> None:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            validate_config(compose("eval", overrides=["run_dir=unused", *overrides]))
+
+    return make
+
+
+def damage(path: Path, how: str) -> None:
+    """truncate: keep the first half; random: same size of random bytes; delete."""
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(1).bytes(path.stat().st_size))
+    else:
+        raise ValueError(how)
+
+
+def same_error(*steps: Callable[[], object]) -> None:
+    """Each step (train.py's check, eval.py's prepare_data/setup) must refuse the input with the
+    same message; then that error is raised. Returns if none refuses (a later step may)."""
+    errors: list[Exception] = []
+    for step in steps:
+        try:
+            step()
+        except EXIT_2 as err:
+            errors.append(err)
+    if errors:
+        messages = [str(err) for err in errors]
+        assert len(errors) == len(steps) and len(set(messages)) == 1, messages
+        raise errors[0]
+
+
+def cifar(
+    file: str = "",
+    how: str = "",
+    data_dir: str = "",
+    verify: bool = False,
+    name: str = "cifar10",
+    num_classes: int | None = None,
+    **content: object,
+) -> Make:
+    """CIFARDataModule check, prepare_data and setup on generated CIFAR files, one of them
+    damaged; `content` replaces that file's pickle with a dict of the given keys instead."""
+
+    def make(tmp: Path) -> None:
+        write_cifar(tmp, name)
+        folder = tmp / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+        if content:
+            (folder / file).write_bytes(pickle.dumps(content))
+        elif file:
+            damage(folder / file, how)
+        if data_dir == "file":
+            (tmp / "a_file").write_text("not a folder")
+        root = {"": tmp, "missing": tmp / "nothing", "file": tmp / "a_file"}[data_dir]
+        dm = CIFARDataModule(
+            name,
+            data_dir=str(root),
+            download=False,
+            verify_checksums=verify,
+            num_classes=num_classes or (10 if name == "cifar10" else 100),
+        )
+        same_error(dm.check, dm.prepare_data, dm.setup)
+
+    return make
+
+
+def write_jpeg(path: Path, seed: int) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG")
+
+
+def write_imagenet(root: Path, classes: tuple[str, ...] = ("n01", "n02"), per_class: int = 3):
+    seed = 0
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                seed += 1
+                write_jpeg(root / split / c / f"{k}.JPEG", seed)
+
+
+def imagenet(
+    file: str = "",
+    how: str = "",
+    mkdir: str = "",
+    drop: str = "",
+    data_dir: str = "",
+    check_images: int | str = 200,
+    workers: int = 0,
+    num_classes: int = 2,
+) -> Make:
+    """ImageNetDataModule.prepare_data + setup (and one training batch when check_images=0, so
+    the loader's own check is what must refuse) on a generated 2-class tree, damaged."""
+
+    def make(tmp: Path) -> None:
+        root = tmp / "imagenet"
+        write_imagenet(root)
+        if file:
+            damage(root / file, how)
+        if mkdir:
+            (root / mkdir).mkdir(parents=True)
+        if drop:
+            shutil.rmtree(root / drop)
+        if data_dir == "file":
+            (tmp / "a_file").write_text("not a folder")
+            root = tmp / "a_file" / "imagenet"
+        dm = ImageNetDataModule(
+            data_dir=str(root),
+            num_classes=num_classes,
+            image_size=16,
+            batch_size=6,
+            num_workers=workers,
+            check_images=check_images,
+        )
+        same_error(dm.check, dm.prepare_data)
+        dm.setup()
+        next(iter(dm.train_dataloader()))
+
+    return make
+
+
+def run_dir_with_config(text: str) -> Make:
+    """load_run on a run directory whose config.yaml holds `text` (a checkpoint file exists)."""
+
+    def make(tmp: Path) -> None:
+        (tmp / "checkpoints").mkdir()
+        (tmp / "checkpoints" / "best.ckpt").write_bytes(b"")
+        (tmp / "config.yaml").write_text(text)
+        load_run(tmp)
+
+    return make
+
+
+def empty_image_folder(tmp: Path) -> None:
+    (tmp / "photos").mkdir()
+    (tmp / "photos" / "notes.txt").write_text("not an image")
+    list_images([tmp / "photos"])
+
+
+def case(name: str, make: Make, pattern: str, no_gpu: bool = False) -> object:
+    """One row: `make` must raise an exit-2 error whose one-line message matches `pattern`."""
+    marks = [pytest.mark.skipif(torch.cuda.is_available(), reason="needs no GPU")] if no_gpu else []
+    return pytest.param(make, pattern, id=name, marks=marks)
+
+
+# (id, make, a regex the one-line message must match: the bad value or file, and the fix)
+# fmt: off
+CASES = [
+    case("cifar_missing", cifar(data_dir="missing"), r"not in .*nothing.*Fix: download"),
+    case("cifar_data_dir_is_a_file", cifar(data_dir="file"), r"a_file is a file, not a folder.*Fix"),
+    case("cifar_truncated_batch", cifar("data_batch_3", "truncate"), r"data_batch_3 is corrupt.*download=true"),
+    case("cifar_random_bytes_batch", cifar("test_batch", "random"), r"test_batch is corrupt.*download=true"),
+    case("cifar_missing_meta", cifar("batches.meta", "delete"), r"batches\.meta is missing.*download=true"),
+    case("cifar_meta_without_names", cifar("batches.meta", names=[]), r"batches\.meta is corrupt.*label_names"),
+    case("cifar100_truncated_train", cifar("train", "truncate", name="cifar100"), r"cifar-100-python/train is corrupt.*cifar-100-python\.tar\.gz"),
+    case("cifar100_meta_of_cifar10", cifar("meta", name="cifar100", label_names=["a"]), r"cifar-100-python/meta is corrupt.*no 'fine_label_names'"),
+    case("cifar_num_classes_wrong", cifar(num_classes=5), r"cifar10 has 10 classes but data\.num_classes=5; set data\.num_classes=10"),
+    case("cifar_md5_mismatch", cifar(verify=True), r"data_batch_1 is corrupt \(its md5.*download=true"),
+    case("imagenet_missing", imagenet(data_dir="file"), r"a_file is a file, not a folder"),
+    case("imagenet_truncated_jpeg", imagenet("train/n02/1.JPEG", "truncate"), r"n02/1\.JPEG cannot be decoded.*Fix"),
+    case("imagenet_random_bytes_jpeg", imagenet("val/n01/0.JPEG", "random"), r"n01/0\.JPEG cannot be decoded"),
+    case("imagenet_bad_jpeg_in_loader", imagenet("train/n01/2.JPEG", "truncate", check_images=0, workers=1), r"^\S*n01/2\.JPEG cannot be decoded.*Fix"),
+    case("imagenet_num_classes_wrong", imagenet(num_classes=3), r"imagenet \(\S*imagenet\) has 2 classes but data\.num_classes=3; set data\.num_classes=2"),
+    case("digits_num_classes_wrong", lambda tmp: DigitsDataModule(num_classes=7).check(), r"digits has 10 classes but data\.num_classes=7"),
+    case("imagenet_empty_class", imagenet(mkdir="train/n03"), r"train/n03 has no image files.*Fix"),
+    case("imagenet_class_not_in_val", imagenet(drop="val/n02"), r"class n02 is in \S*/train but not in \S*/val.*Fix"),
+    case("imagenet_class_not_in_train", imagenet(drop="train/n01"), r"class n01 is in \S*/val but not in \S*/train"),
+    case("check_images_invalid", config("data=imagenet", "data.check_images=some"), r"data\.check_images='some' is invalid: .* or all"),
+    case("batch_not_divisible", config("experiment=digits", "trainer=ddp_cpu", "data.batch_size=63"), r"data\.batch_size=63 .*2 processes.*=62"),
+    case("num_classes_too_small", config("experiment=digits", "model.num_classes=5"), r"model\.num_classes=5 .*data\.num_classes=10"),
+    case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),
+    case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
+    case("limit_train_batches_0.0", config("experiment=digits", "+trainer.limit_train_batches=0.0"), r"limit_train_batches=0\.0"),
+    case("trainer_gpu", config("experiment=digits", "trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),
+    case("eval_device_cuda", eval_config("device=cuda"), r"device=cuda: .*no CUDA.*device=cpu", no_gpu=True),
+    case("classify_device_cuda", lambda tmp: resolve_device("cuda"), r"'cuda': .*no CUDA GPU; use cpu", no_gpu=True),
+    case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),
+    case("run_config_not_a_run", run_dir_with_config("- a\n- list\n"), r"config\.yaml has no model\.name.*Fix"),
+    case("empty_image_folder", empty_image_folder, r"photos: the folder holds no image files"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("make", "pattern"), CASES)
+def test_bad_input_is_refused_in_one_line(make: Make, pattern: str, tmp_path: Path) -> None:
+    with pytest.raises(EXIT_2) as caught:
+        make(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    assert re.search(pattern, message), message
+
+
+# --- the real entry points: each route from a bad input to exit 2 + one line, once ---
+
+
+def entry_train(*overrides: str) -> Callable[[Path], list[str]]:
+    return lambda tmp: [
+        f"hydra.run.dir={tmp / 'run'}",
+        "print_config=false",
+        "debug=tiny",
+        *(o.format(tmp=tmp) for o in overrides),
+    ]
+
+
+def entry_eval_corrupt_config(tmp: Path) -> list[str]:
+    (tmp / "checkpoints").mkdir()
+    (tmp / "checkpoints" / "best.ckpt").write_bytes(b"")
+    (tmp / "config.yaml").write_text("model: {name: [\n")
+    return [f"run_dir={tmp}"]
+
+
+def entry_empty_folder(*extra: str) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        (tmp / "photos").mkdir()
+        return [str(tmp / "no_run"), str(tmp / "photos"), *extra]
+
+    return args
+
+
+def imagenet_tree(tmp: Path) -> Path:
+    write_imagenet(tmp / "imagenet")
+    damage(tmp / "imagenet" / "train" / "n01" / "1.JPEG", "truncate")
+    return tmp / "imagenet"
+
+
+# (id, script, args(tmp_path), the line's prefix, a regex the line must match)
+# fmt: off
+ENTRY_CASES = [
+    ("train_ddp_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false", "trainer=ddp_cpu"), "error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
+    ("train_limit_train_batches_0", "train.py", entry_train("experiment=digits", "trainer.limit_train_batches=0"), "error:", r"limit_train_batches=0 "),
+    ("train_bad_jpeg_in_loader", "train.py", lambda tmp: [*entry_train("data=imagenet", "model=gunn_mini", "data.num_classes=2", "data.image_size=16", "data.batch_size=6", "data.check_images=0", "data.num_workers=1")(tmp), f"data.data_dir={imagenet_tree(tmp)}"], "error:", r"error: \S*n01/1\.JPEG cannot be decoded.*Fix"),
+    ("eval_corrupt_run_config", "eval.py", entry_eval_corrupt_config, "error:", r"config\.yaml is not valid YAML"),
+    ("classify_empty_folder", "classify.py", entry_empty_folder(), "error:", r"photos: the folder holds no image files"),
+    ("features_empty_folder", "features.py", entry_empty_folder("-o", "f.npy"), "error:", r"photos: the folder holds no image files"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "prefix", "pattern"),
+    [c[1:] for c in ENTRY_CASES],
+    ids=[c[0] for c in ENTRY_CASES],
+)
+def test_entry_point_exits_2_with_one_line(
+    script: str, args: Callable[[Path], list[str]], prefix: str, pattern: str, tmp_path: Path
+) -> None:
+    proc = run_entry(script, *args(tmp_path), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no training step
+
+
+# --- 16-bit images (classify.py, features.py): read as the 8-bit picture they widen ---
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grey HxW or RGB HxWx3), written by hand: Pillow cannot write 16-bit RGB."""
+    height, width = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("colour", "shape"), [("L", (12, 12)), ("RGB", (12, 12)), ("RGB", (12, 12, 3))]
+)
+def test_16bit_png_gives_the_8bit_input(
+    colour: str, shape: tuple[int, ...], tmp_path: Path
+) -> None:
+    eight = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    Image.fromarray(eight).save(tmp_path / "8.png")
+    write_png16(tmp_path / "16.png", eight.astype(np.uint16) * 257)  # the same picture, 16 bits
+    pre = Preprocessing("test", colour, 8, 8, (0.5,) * len(colour), (0.25,) * len(colour), 3)
+    x8, x16 = pre.load(tmp_path / "8.png"), pre.load(tmp_path / "16.png")
+    assert torch.equal(x8, x16)  # identical inputs: identical top-1 with any model
+    if len(shape) == 2:  # grey: what Pillow's own convert() gave before (clipped to white)
+        with Image.open(tmp_path / "16.png") as img:
+            assert not torch.equal(pre(img), x8)
+
+
+def test_float_images_are_refused_by_name(tmp_path: Path) -> None:
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(tmp_path / "f.tiff")
+    pre = Preprocessing("test", "RGB", 8, 8, (0.5,) * 3, (0.25,) * 3, 3)
+    with pytest.raises(ValueError, match=r"f\.tiff: 'F' pixels .*save it as"):
+        pre.load(tmp_path / "f.tiff")
