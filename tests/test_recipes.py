@@ -188,6 +188,7 @@ def test_imagenet_recipes_set_spec_values(experiment: str) -> None:
     assert cfg.model.num_classes == cfg.data.num_classes == 1000
     assert cfg.data.batch_size == 256 and cfg.trainer.max_epochs == 120
     assert cfg.data.image_size == 224 and cfg.data.ten_crop is False
+    assert cfg.ten_crop_reduce == "logits"  # the authors' rule, should ten crops be turned on
     assert cfg.trainer.sync_batchnorm is False and cfg.trainer.precision == "32-true"
     check_optimizer(cfg)
 
@@ -409,7 +410,7 @@ def write_image_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path
     return root
 
 
-def test_ten_crop_evaluation_gives_5d_batches_the_module_averages(tmp_path: Path) -> None:
+def test_ten_crop_evaluation_gives_5d_batches_the_module_combines(tmp_path: Path) -> None:
     datamodule = ImageNetDataModule(
         data_dir=str(write_image_folder(tmp_path)),
         ten_crop=True,
@@ -434,11 +435,12 @@ def test_ten_crop_evaluation_gives_5d_batches_the_module_averages(tmp_path: Path
     )
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     assert model.crops_seen == [60]  # 6 images x 10 crops in one forward pass
-    # The module scores the mean softmax over the 10 crops of each image.
+    # By default the module scores the mean logits over the 10 crops of each image (the authors'
+    # rule, tests/test_ten_crop.py), and its loss is their cross-entropy.
     model.eval()
     with torch.no_grad():
-        probs = model(images.flatten(0, 1)).softmax(-1).view(6, 10, 2).mean(1)
-    loss = torch.nn.functional.nll_loss(probs.log(), labels)
+        logits = model(images.flatten(0, 1)).view(6, 10, 2).mean(1)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
     assert metrics["val/loss"] == pytest.approx(float(loss), rel=1e-4)
-    err1 = 100 * float((probs.argmax(1) != labels).float().mean())
+    err1 = 100 * float((logits.argmax(1) != labels).float().mean())
     assert metrics["val/err1"] == pytest.approx(err1, abs=1e-3)

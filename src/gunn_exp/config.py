@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gunn_exp.errors import ConfigError
+from gunn_exp.training.crops import CROP_REDUCTIONS
 
 _MISSING = object()
 
@@ -77,6 +78,7 @@ CHECKS: dict[str, Check] = {
         _one_of(lambda: METRICS),
         f"a logged metric to minimise, one of {METRICS}",
     ),
+    "ten_crop_reduce": (_one_of(lambda: CROP_REDUCTIONS), f"one of {CROP_REDUCTIONS}"),
     "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
     "model.num_classes": (_positive_int, "a positive integer"),
     "data.batch_size": (_positive_int, "a positive integer (the global batch)"),

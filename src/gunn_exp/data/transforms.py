@@ -17,6 +17,8 @@ CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The evaluation resize, as the authors' (fb.resnet.torch transforms.lua `Scale` defaults to it).
+IMAGENET_EVAL_INTERPOLATION = T.InterpolationMode.BICUBIC
 # AlexNet PCA lighting noise on ImageNet RGB (fb.resnet.torch).
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = (
@@ -151,10 +153,11 @@ def imagenet_eval_transform(size: int = 224, ten_crop: bool = False) -> T.Compos
     """Resize the shorter side to size*256/224, then one centre crop (paper) or ten crops (the
     corners and the centre, and their mirror images).
 
-    Bilinear, torchvision's default (fb.resnet.torch's Scale defaults to bicubic; SPEC is silent):
-    gunn_exp.preprocessing replays this resize for inference and must change with it.
+    Bicubic, as the authors resized (fb.resnet.torch datasets/transforms.lua: `Scale`'s
+    interpolation defaults to 'bicubic'); torchvision's default would be bilinear.
+    inference.preprocessing replays this resize and must change with it.
     """
-    resize = T.Resize(round(size * 256 / 224))
+    resize = T.Resize(round(size * 256 / 224), interpolation=IMAGENET_EVAL_INTERPOLATION)
     normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if ten_crop:
         return T.Compose([resize, T.TenCrop(size), StackCrops(normalize)])

@@ -3,7 +3,8 @@
 Model and data are rebuilt from `<run_dir>/config.yaml`, so no training override is repeated. A
 `data=<name>` override replaces the run's data config as a whole (data modules take different
 keys, so merging cifar100 over digits would mix them); `ten_crop`, `batch_size` and `num_workers`
-change single keys. Outputs go to `<run_dir>/eval/<ckpt>[_<data>][_tencrop][_first<N>]/`:
+change single keys; `ten_crop_reduce` says how ten crops are combined (eval's choice, like
+`ten_crop`). Outputs go to `<run_dir>/eval/<ckpt>[_<data>][_tencrop[_softmax]][_first<N>]/`:
 results.json, confusion_matrix.csv/.png (rows: true class, columns: predicted) and
 per_class_error.csv.
 """
@@ -54,8 +55,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup("test")
 
-    # The training module's own test step (same errors, multi-crop averaging), by trainer.test.
-    module = _Evaluation(run.model)
+    # The training module's own test step (same errors, crops combined alike), by trainer.test.
+    module = _Evaluation(run.model, cfg.ten_crop_reduce)
     device = resolve_device(cfg.device)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else device.type,
@@ -75,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "model": run.model_name,
         "data": data_cfg["name"],
         "ten_crop": bool(data_cfg.get("ten_crop", False)),
+        "ten_crop_reduce": cfg.ten_crop_reduce if data_cfg.get("ten_crop") else None,
         "limit_batches": cfg.limit_batches,
         "images": int(confusion.sum()),
         "err1": metrics["test/err1"],
@@ -115,8 +117,8 @@ def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
 class _Evaluation(ClassificationModule):
     """ClassificationModule's test step plus a confusion matrix (rows true, columns predicted)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, ten_crop_reduce: str) -> None:
+        super().__init__(model, ten_crop_reduce=ten_crop_reduce)
         self.confusion = MulticlassConfusionMatrix(model.num_classes)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -129,7 +131,8 @@ def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
     if cfg.get("data"):
         tag += f"_{data_cfg['name']}"
     if data_cfg.get("ten_crop"):
-        tag += "_tencrop"
+        # The authors' rule keeps the plain tag; the other one must not overwrite its results.
+        tag += "_tencrop" if cfg.ten_crop_reduce == "logits" else f"_tencrop_{cfg.ten_crop_reduce}"
     if cfg.limit_batches is not None:
         tag += f"_first{cfg.limit_batches}"
     return tag

@@ -20,6 +20,7 @@ from torchvision import transforms as T
 
 from gunn_exp import rundir
 from gunn_exp.data import DigitsDataModule, ImageDataModule, ImageNetDataModule
+from gunn_exp.data.transforms import IMAGENET_EVAL_INTERPOLATION
 
 # Pillow's modes for 16-bit grey pixels (16-bit colour PNGs are already read as 8-bit "RGB").
 _GREY_16 = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -49,10 +50,11 @@ class Preprocessing:
     """The evaluation pipeline of one dataset, as plain numbers.
 
     Steps: read the file as `color` ("RGB", or "L" for one grey channel), resize its shorter side
-    to `resize` pixels (bilinear), centre-crop `crop` x `crop`, scale pixels to [0, 1], subtract
-    `mean` and divide by `std` per channel, and repeat a grey channel `in_chans` times.
+    to `resize` pixels (`interpolation`), centre-crop `crop` x `crop`, scale pixels to [0, 1],
+    subtract `mean` and divide by `std` per channel, and repeat a grey channel `in_chans` times.
     For CIFAR and digits `resize == crop` (images of the training size pass unchanged); for
-    ImageNet it is the usual 256/224 resize before the centre crop.
+    ImageNet it is the usual 256/224 resize before the centre crop, bicubic as the authors'.
+    Files written before `interpolation` was recorded read back as bilinear, as they were made.
     """
 
     dataset: str
@@ -62,13 +64,15 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_chans: int
+    interpolation: str = "bilinear"  # a torchvision InterpolationMode value
 
     @classmethod
     def from_datamodule(cls, dm: ImageDataModule) -> Preprocessing:
         """The pipeline of `dm`'s test split (call after `setup()`: digits' statistics need it)."""
         size = dm.image_size
         # Same resize as imagenet_eval_transform; other datasets are stored at their input size.
-        resize = round(size * 256 / 224) if isinstance(dm, ImageNetDataModule) else size
+        imagenet = isinstance(dm, ImageNetDataModule)
+        resize = round(size * 256 / 224) if imagenet else size
         # Digits are grey images replicated to in_chans channels, normalised with one mean/std.
         grey = isinstance(dm, DigitsDataModule)
         return cls(
@@ -79,13 +83,14 @@ class Preprocessing:
             mean=tuple(dm.mean[:1] if grey else dm.mean),
             std=tuple(dm.std[:1] if grey else dm.std),
             in_chans=dm.in_chans,
+            interpolation=IMAGENET_EVAL_INTERPOLATION.value if imagenet else "bilinear",
         )
 
     @cached_property
     def _pipeline(self) -> T.Compose:
         return T.Compose(
             [
-                T.Resize(self.resize),
+                T.Resize(self.resize, interpolation=T.InterpolationMode(self.interpolation)),
                 T.CenterCrop(self.crop),
                 T.ToTensor(),
                 T.Normalize(self.mean, self.std),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +27,7 @@ from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import RunError
 from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.weights import load_weights
+from gunn_exp.training.crops import reduce_crops
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +131,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, x: Tensor) -> Tensor:
-    """Log-softmax scores; a 5-D (N, crops, C, H, W) batch gets the log of the softmax averaged
-    over the crops, as ClassificationModule evaluates ten crops.
+    """Log-softmax scores; a 5-D (N, crops, C, H, W) batch is scored by its crops' combined
+    logits (the authors' rule, ClassificationModule's default for ten crops).
 
     Logs, not probabilities: a confident model's small probabilities underflow to equal zeros,
     which would make the top-5 ranking arbitrary; log-softmax keeps the logits' order.
     """
     if x.ndim == 5:
-        n, crops = x.shape[:2]
-        scores = model(x.flatten(0, 1)).log_softmax(-1).view(n, crops, -1)
-        return scores.logsumexp(1) - math.log(crops)
+        return reduce_crops(model(x.flatten(0, 1)), x.shape[1]).log_softmax(-1)
     return model(x).log_softmax(-1)
 
 

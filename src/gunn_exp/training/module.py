@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torchmetrics import MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from gunn_exp.training.crops import CROP_REDUCTIONS, reduce_crops
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -35,6 +37,10 @@ class ClassificationModule(pl.LightningModule):
 
     `optimizer` and `scheduler` are partials (Hydra `_partial_: true`) so the configs own every
     hyper-parameter; the scheduler steps once per epoch, as in the paper's recipes.
+
+    A 5-D batch (N, crops, C, H, W) is multi-crop evaluation: the crops' logits are combined by
+    `ten_crop_reduce` (training.crops: `logits`, the authors' rule, or `softmax`), and the loss
+    and errors are those of the combined logits.
     """
 
     def __init__(
@@ -45,8 +51,13 @@ class ClassificationModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: str | None = None,
+        ten_crop_reduce: str = "logits",
     ) -> None:
         super().__init__()
+        if ten_crop_reduce not in CROP_REDUCTIONS:
+            raise ValueError(
+                f"ten_crop_reduce={ten_crop_reduce!r} is unknown; use one of {CROP_REDUCTIONS}."
+            )
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
         self.model = model
         self.optimizer_factory = optimizer
@@ -77,10 +88,8 @@ class ClassificationModule(pl.LightningModule):
         x, y = batch
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if x.ndim == 5:  # multi-crop evaluation: average the softmax over the crops
-            n, crops = x.shape[:2]
-            probs = self(x.flatten(0, 1)).softmax(-1).view(n, crops, -1).mean(1)
-            logits = probs.clamp_min(1e-12).log()
+        if x.ndim == 5:  # multi-crop evaluation: one forward pass, then combine each image's crops
+            logits = reduce_crops(self(x.flatten(0, 1)), x.shape[1], self.hparams.ten_crop_reduce)
         else:
             logits = self(x)
         loss = F.cross_entropy(logits, y)

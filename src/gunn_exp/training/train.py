@@ -72,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
+        ten_crop_reduce=cfg.ten_crop_reduce,
     )
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     if ckpt_path is not None:  # before anything is written: a refused resume changes nothing
