@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gunn_exp.models.compile import compile_regions
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
@@ -48,8 +50,8 @@ class ClassificationModule(pl.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:
-            # In place (nn.Module.compile), so state_dict keys stay `model.<...>`.
-            self.model.compile(mode=compile_mode)
+            # Regional, in place: GUNN units/layers compiled once per shape, state_dict keys kept.
+            compile_regions(self.model, mode=compile_mode)
         # One metric object per stage and k: Lightning resets and syncs them at epoch end.
         self.errors = nn.ModuleDict(
             {
