@@ -754,4 +754,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    # Every part ran; the exit status says whether all of them passed (for CI and `make`).
+    parts = main()["parts"].values()
+    sys.exit(0 if all(part["status"] == "ok" for part in parts) else 1)
