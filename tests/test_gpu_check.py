@@ -74,7 +74,15 @@ def test_fake_cifar10_is_read_by_the_data_module(tmp_path: Path) -> None:
 def test_cpu_version_runs_every_part(tmp_path: Path) -> None:
     """The whole command as `make gpu-check` runs it (about 2-3 minutes on a shared CPU)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "gunn_exp.gpu_check", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "gunn_exp.gpu_check",
+            "--out",
+            str(tmp_path),
+            "--budget-factor",
+            "3",
+        ],
         cwd=ROOT,
         env=RUN_ENV,
         capture_output=True,
