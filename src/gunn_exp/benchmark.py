@@ -31,6 +31,7 @@ import gc
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -365,6 +366,9 @@ def run(cfg: DictConfig) -> tuple[list[Row], str]:
         b.ops = b.count_ops(inputs(), y)
         b.launches = sum(count_launches(partial(b.step, inputs(), y), device))
     if cfg.compile:
+        if cfg.get("compile_cold", True):
+            # A fresh inductor cache: compile_s is a first compile, not a cache hit of a rerun.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cold_")
         if device.type == "cpu":  # name inductor's C++ kernels in the profiler
             torch._inductor.config.cpp.enable_kernel_profile = True
         for b in benches:
