@@ -386,10 +386,13 @@ def _peak_mb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / _MB if device.type == "cuda" else float("nan")
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+def _reset_peak(device: torch.device) -> float:
+    """Start a peak-memory window; returns the MB allocated now (0 on CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / _MB
 
 
 def _free(device: torch.device) -> None:
@@ -448,15 +451,25 @@ def throughput(plan: Plan, device: torch.device, deadline: float) -> dict[str, A
                 skipped.append(f"{label} {mode} batch {batch}: failed: {_one_line(err)}")
         times: dict[int, list[float]] = {i: [] for i in range(len(steps))}
         peaks: dict[int, list[float]] = {i: [] for i in range(len(steps))}
+        failed: set[int] = set()
         for r in range(plan.repeats):
             order = list(range(len(steps)))
             order = order[r % max(1, len(order)) :] + order[: r % max(1, len(order))]
-            for i in order:
-                _reset_peak(device)
-                block = partial(_repeat, steps[i], x, y, plan.steps)
-                times[i].append(_timed(block, device) / plan.steps)
-                peaks[i].append(_peak_mb(device))
+            for i in (i for i in order if i not in failed):
+                try:
+                    start = _reset_peak(device)
+                    block = partial(_repeat, steps[i], x, y, plan.steps)
+                    times[i].append(_timed(block, device) / plan.steps)
+                    peaks[i].append(_peak_mb(device) - start)
+                except Exception as err:  # noqa: BLE001 (recorded; the other rows still run)
+                    failed.add(i)
+                    skipped.append(
+                        f"{steps[i].label} {steps[i].mode} batch {batch}: "
+                        f"failed while timed: {_one_line(err)}"
+                    )
         for i, s in enumerate(steps):
+            if i in failed:
+                continue
             step_s = statistics.median(times[i]) if times[i] else float("nan")
             row = {
                 "model": s.label,
@@ -494,7 +507,7 @@ def large_step(plan: Plan, device: torch.device, deadline: float) -> dict[str, A
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
     step(x, y)  # warm-up (cuDNN algorithm choice, allocator)
     times = []
-    _reset_peak(device)
+    start = _reset_peak(device)
     while len(times) < 5 and (not times or time.monotonic() + times[-1] < deadline):
         times.append(_timed(partial(step, x, y), device))
     step_s = statistics.median(times)
@@ -506,6 +519,7 @@ def large_step(plan: Plan, device: torch.device, deadline: float) -> dict[str, A
         "img_per_s": batch / step_s,
         "step_ms": step_s * 1e3,
         "peak_mb": _peak_mb(device),
+        "step_peak_mb": _peak_mb(device) - start,
     }
     del step
     _free(device)
@@ -713,6 +727,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [
                 "bf16 autocast (GPU), channels_last, SGD (fused on GPU); median of interleaved "
                 "blocks. vs_yardstick: img/s over the yardstick's in the same mode and batch. "
+                "peak_mb: max_memory_allocated during the steps above what was allocated before "
+                "them (model, optimizer state and CUDA-graph pools excluded). "
                 "compile_s: first two steps minus two steady ones. kernels: GPU activities per "
                 "step (profiler; CPU: ATen operators not inside another one).",
                 "",
