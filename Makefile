@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo train test test-slow test-all lint format ablation benchmark summarize report clean
+.PHONY: help install demo train test test-slow test-all lint format ablation benchmark gpu-check summarize report clean
 
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
@@ -47,6 +47,11 @@ summarize: $(STAMP) ## Complexity report: make summarize ARGS="model=gunn24 data
 
 benchmark: $(STAMP) ## Implementation benchmark: make benchmark ARGS="model=gunn15"
 	$(BIN)/python benchmark.py $(ARGS)
+
+# Not tied to .venv: on a GPU node the package is installed into the node's own environment
+# (README "On a GPU machine"); .venv's python is used where it exists (this machine, CI).
+gpu-check: ## GPU check, one report in benchmarks/gpu_<device>.md (~8 min on one GPU; ARGS=--quick)
+	$$(test -x $(BIN)/python && echo $(BIN)/python || echo $(PY)) -m gunn_exp.gpu_check $(ARGS)
 
 # One CPU thread unless set: the mini models gain little from more, and oversubscribing a busy
 # CPU makes them several times slower. GPU runs do not depend on it.

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from gunn_exp.models.compile import compile_regions
 from gunn_exp.training.crops import CROP_REDUCTIONS, reduce_crops
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -65,8 +66,8 @@ class ClassificationModule(pl.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:
-            # In place (nn.Module.compile), so state_dict keys stay `model.<...>`.
-            self.model.compile(mode=compile_mode)
+            # Regional, in place: GUNN units/layers compiled once per shape, state_dict keys kept.
+            compile_regions(self.model, mode=compile_mode)
         # One metric object per stage and k: Lightning resets and syncs them at epoch end.
         self.errors = nn.ModuleDict(
             {
