@@ -25,7 +25,8 @@ RUN_ENV = {
     "HYDRA_FULL_ERROR": "0",
     "OMP_NUM_THREADS": "1",
     "PYTHONWARNINGS": "ignore",
-}
+    "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+}  # tests/ on the path: subprocess runs can use test callbacks (signal_at.SignalAt)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -38,17 +39,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def compose_train(
-    *overrides: str, output_dir: Path | None = None, keep_hydra: bool = False
+def compose_config(
+    name: str, *overrides: str, output_dir: Path | None = None, keep_hydra: bool = False
 ) -> DictConfig:
-    """The config `train.py <overrides>` would get, composed in-process (no run is started).
+    """The config `<name>.py <overrides>` would get (train, eval, ...), composed in-process: the
+    one way tests compose configs (no run is started).
 
     Hydra's runtime node is filled in as in a real run (run directory `output_dir`), so
     `${hydra:...}` interpolations resolve; the `hydra` node itself is dropped unless `keep_hydra`
     (to inspect sweeper/launcher configs).
     """
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(output_dir or "/tmp/gunn-exp-compose")
     cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
@@ -56,6 +58,13 @@ def compose_train(
         with open_dict(cfg):
             del cfg["hydra"]
     return cfg
+
+
+def compose_train(
+    *overrides: str, output_dir: Path | None = None, keep_hydra: bool = False
+) -> DictConfig:
+    """`compose_config("train", ...)`: the config of `train.py <overrides>`."""
+    return compose_config("train", *overrides, output_dir=output_dir, keep_hydra=keep_hydra)
 
 
 def run_entry(

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from conftest import ROOT, RUN_ENV, run_entry
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, RUN_ENV, compose_train, run_entry
 from hydra.core.hydra_config import HydraConfig
 
 from gunn_exp.errors import ConfigError
@@ -81,9 +80,7 @@ def torchrun_rank(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("run_dir", [None, "hydra.run.dir=/shared/run"])
 def test_ranks_started_outside_lightning_need_one_run_dir(torchrun_rank, run_dir: str | None):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[run_dir] if run_dir else [], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
+    compose_train(*([run_dir] if run_dir else []), keep_hydra=True)  # sets HydraConfig
     try:
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
         if run_dir:

@@ -3,7 +3,6 @@ a non-finite loss, and clear refusals of corrupt or mismatched checkpoints."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import RUN_ENV
+from signal_at import SignalAt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -181,17 +181,6 @@ def fit(module: pl.LightningModule, root: Path, callbacks: list[pl.Callback]) ->
     return trainer
 
 
-class SignalAt(pl.Callback):
-    """Sends `signum` to this process at the end of training batch `batch`."""
-
-    def __init__(self, signum: int, batch: int) -> None:
-        self.signum, self.batch = signum, batch
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx == self.batch:
-            os.kill(os.getpid(), self.signum)
-
-
 def test_signal_saves_then_hands_over_to_the_previous_handler(tmp_path: Path) -> None:
     """The checkpoint comes first; then e.g. submitit's requeue handler runs."""
     calls: list[bool] = []
@@ -207,6 +196,17 @@ def test_signal_saves_then_hands_over_to_the_previous_handler(tmp_path: Path) ->
         assert load_checkpoint(last)["global_step"] == 4
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_sigterm_stops_at_the_next_batch_end_with_a_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM (SLURM, kill): last.ckpt at the end of the next batch, then Interrupted."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    stop = GracefulStop(str(tmp_path / "checkpoints"))
+    with pytest.raises(Interrupted) as err:
+        fit(Tiny(), tmp_path, [SignalAt(signal.SIGTERM, batch=3), stop])
+    assert err.value.exit_code == 128 + signal.SIGTERM
+    assert str(err.value).startswith("SIGTERM in epoch 1 after batch 4/10")
+    assert load_checkpoint(last)["global_step"] == 4
 
 
 def test_nan_loss_stops_before_the_step_updates_the_weights(tmp_path: Path) -> None:

@@ -11,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, cifar10_overrides, run_entry
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from conftest import cifar10_overrides, compose_config, run_entry
 from hydra.utils import instantiate
-from omegaconf import open_dict
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -128,12 +125,8 @@ def test_eval_on_other_data_with_the_same_classes(run_dir: Path, cifar_root: Pat
     [("data=cifar100", "has 100 classes but the model"), ("ten_crop=true", "ten_crop=true")],
 )
 def test_eval_refuses_data_that_cannot_work(run_dir: Path, override: str, message: str) -> None:
-    # In-process (Hydra's compose API) to save a subprocess; the CLI's error path is tested below.
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval", [f"run_dir={run_dir}", override], return_hydra_config=True)
-        HydraConfig().set_config(cfg)  # as @hydra.main does: ${hydra:...} values resolve and
-        with open_dict(cfg):  # the task sees no `hydra` node
-            del cfg.hydra
+    # In-process to save a subprocess; the CLI's error path is tested below.
+    cfg = compose_config("eval", f"run_dir={run_dir}", override)
     with pytest.raises(ConfigError, match=message):
         evaluate(cfg)
 

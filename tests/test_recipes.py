@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
@@ -53,12 +52,8 @@ IMAGENET_RECIPES = {"gunn18_imagenet": "gunn18", "wide_gunn18_imagenet": "wide_g
 
 
 def compose_experiment(name: str, *overrides: str) -> DictConfig:
-    """The composed config of a recipe; outside a Hydra run the run directory is a placeholder
-    (nothing here writes to it)."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "train", overrides=[f"experiment={name}", "paths.output_dir=unused", *overrides]
-        )
+    """The composed config of a recipe (nothing here writes to its run directory)."""
+    return compose_train(f"experiment={name}", *overrides)
 
 
 class TinyNet(nn.Module):
@@ -194,10 +189,7 @@ def test_imagenet_recipes_set_spec_values(experiment: str) -> None:
 
 
 def test_ablation_is_the_cifar_recipe_on_the_twins() -> None:
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", ["experiment=ablation", "paths.output_dir=unused"], return_hydra_config=True
-        )
+    cfg = compose_train("experiment=ablation", keep_hydra=True)
     assert dict(cfg.hydra.sweeper.params) == {"model": "gunn_mini,sunn_mini", "seed": "0,1,2"}
     assert (cfg.data.name, cfg.model.name, cfg.data.batch_size) == ("digits", "gunn_mini", 64)
     check_optimizer(cfg)

@@ -72,27 +72,19 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(uninterrupted: Path, tmp_p
 
 
 def stop_in_epoch_2(run_dir: Path, *overrides: str) -> tuple[int, str]:
-    """Start a 4-epoch run and SIGTERM it once its first epoch is done; (exit status, stderr)."""
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *RUN,
-        f"hydra.run.dir={run_dir}",
+    """A 4-epoch run that gets SIGTERM after batch 3 of epoch 2 (sent by the run itself, so the
+    moment does not depend on the machine's speed); (exit status, stderr)."""
+    proc = train(
+        run_dir,
         "trainer.max_epochs=4",
         *overrides,
-    ]
-    with (run_dir.parent / "stderr.txt").open("w+") as err:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=RUN_ENV, text=True, stdout=subprocess.PIPE, stderr=err
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the first epoch's summary row: the run is now in epoch 2
-            if line.split(" - ")[-1].startswith("epoch 1/4 |"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        proc.communicate(timeout=300)
-        err.seek(0)
-        return proc.returncode, err.read()
+        "+callbacks.signal_at._target_=signal_at.SignalAt",
+        f"+callbacks.signal_at.signum={int(signal.SIGTERM)}",
+        "+callbacks.signal_at.epoch=1",
+        "+callbacks.signal_at.batch=2",
+        check=False,
+    )
+    return proc.returncode, proc.stderr
 
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
