@@ -53,8 +53,12 @@ def wandb_resume_kwargs(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return {"id": run_id, "resume": "allow"}
 
 
+@rank_zero_only
 def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
-    """Record the resolved config and the parameter count with every logger."""
+    """Record the resolved config and the parameter count with every logger.
+
+    Rank 0 only: Lightning gives the other ranks of a DDP run a dummy `experiment` (no summary).
+    """
     hparams: dict[str, Any] = {"params": params, **flat_config(cfg)}
     for logger in loggers:
         logger.log_hyperparams(hparams)
@@ -62,8 +66,9 @@ def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
             logger.experiment.summary["params"] = params
 
 
+@rank_zero_only
 def log_curves(loggers: list[Logger], path: Path) -> None:
-    """Attach the run's final curves plot to wandb runs."""
+    """Attach the run's final curves plot to wandb runs (rank 0 only, as log_run_setup)."""
     if not path.is_file():
         return
     for logger in loggers:
