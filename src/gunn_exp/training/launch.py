@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd
+from omegaconf import DictConfig, OmegaConf
 
 from gunn_exp import rundir
 from gunn_exp.errors import ConfigError, Interrupted, RunStopped
@@ -44,6 +45,33 @@ def launches_own_ranks(trainer: pl.Trainer) -> bool:
     """Whether `trainer.fit` would start this run's other processes itself."""
     env = getattr(trainer.strategy, "cluster_environment", None)
     return trainer.world_size > 1 and env is not None and not env.creates_processes_externally
+
+
+# Lightning strategies whose ranks run `fit` in processes forked or spawned from this one.
+CHILD_PROCESS_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+SPAWN_METHODS = ("spawn", "fork", "forkserver")
+
+
+def refuse_child_process_ranks(cfg: DictConfig) -> None:
+    """Refuse strategies that train in child processes (ddp_spawn, ddp_fork, ddp_notebook).
+
+    Their ranks run `fit` in processes started from this one and only the weights come back:
+    the per-epoch rows, the best epoch and the epoch count stay in the children, so results.json
+    would describe a run that never trained. `ddp` re-runs the script for each rank instead,
+    where every rank (rank 0 included) keeps its own state, and gives the same training.
+    """
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if isinstance(strategy, str) and strategy.startswith(CHILD_PROCESS_STRATEGIES):
+        name = strategy
+    elif isinstance(strategy, DictConfig) and strategy.get("start_method") in SPAWN_METHODS:
+        name = f"{strategy.get('_target_')}(start_method={strategy.start_method})"
+    else:
+        return
+    raise ConfigError(
+        f"trainer.strategy={name} is not supported: it trains in child processes whose "
+        f"results never reach this one (results.json would describe an untrained run); use "
+        f"trainer.strategy=ddp (trainer=ddp, or trainer=ddp_cpu on CPUs), same training."
+    )
 
 
 def check_rank_run_dirs(trainer: pl.Trainer) -> None:
