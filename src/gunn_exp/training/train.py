@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,24 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
 from gunn_exp.config import validate_config
+from gunn_exp.errors import ConfigError, DiskFull
 from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.weights import init_from_checkpoint
 from gunn_exp.training.callbacks import EpochSummary
-from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable, resolve_ckpt_path
+from gunn_exp.training.checkpoints import (
+    AtomicCheckpointIO,
+    ResumedSchedule,
+    check_config_change,
+    check_resumable,
+    checkpoint_position,
+    resolve_ckpt_path,
+)
 from gunn_exp.training.launch import (
     check_rank_run_dirs,
     in_multirun,
     launches_own_ranks,
     log_rank_results,
+    refuse_child_process_ranks,
     run_job_as_single_run,
 )
 from gunn_exp.training.loggers import (
@@ -34,6 +44,7 @@ from gunn_exp.training.loggers import (
     wandb_resume_kwargs,
 )
 from gunn_exp.training.module import ClassificationModule
+from gunn_exp.training.sweep import require_tags
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +61,41 @@ def instantiate_group(configs: DictConfig | None, **wandb_kwargs: Any) -> list[A
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results."""
+    """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results.
+
+    `train=false` (with `ckpt_path=<file>`) only tests that checkpoint; `test=false` skips the
+    test set. The run directory is locked while this process writes into it (rundir.RunLock).
+    """
     validate_config(cfg)
+    require_tags(cfg)
+    refuse_child_process_ranks(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    # Rank 0 holds the lock; the other ranks of a DDP run write into the same run on purpose.
+    lock = rundir.RunLock(output_dir) if rank_zero_only.rank == 0 else nullcontext()
+    with lock:
+        try:
+            return _train(cfg, output_dir)
+        except DiskFull as err:
+            raise DiskFull(err.path, err.free_bytes, intact_checkpoint_note(output_dir)) from err
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.get("print_config", True):
         print_config(cfg, ["data", "model", "optimizer", "scheduler", "trainer", "seed"])
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    fit, test = bool(cfg.get("train", True)), bool(cfg.get("test", True))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if not fit and (ckpt_path is None or not test):
+        raise ConfigError(
+            f"train=false needs a checkpoint to test and test=true: add ckpt_path=<file.ckpt> "
+            f"(got ckpt_path={cfg.get('ckpt_path')}, test={test}); or use eval.py ckpt_path=..."
+        )
+    if not fit and (output_dir / rundir.RESULTS).is_file():
+        raise ConfigError(
+            f"train=false would overwrite {output_dir / rundir.RESULTS} of a trained run; test "
+            f"into a new directory (drop hydra.run.dir) or use eval.py ckpt_path={ckpt_path}."
+        )
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: torch.nn.Module = instantiate(cfg.model)
@@ -72,12 +111,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile=cfg.get("compile", False),
         compile_mode=cfg.get("compile_mode"),
     )
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-    if ckpt_path is not None:  # before anything is written: a refused resume changes nothing
+    changed = False
+    # Before anything is written: a refused resume changes nothing.
+    if ckpt_path is not None and fit:
         check_resumable(ckpt_path, model, cfg.model.name)
+        changed = check_config_change(cfg, ckpt_path, output_dir)
     if rank_zero_only.rank == 0:
-        rundir.save_config(cfg, output_dir)
+        rundir.save_config(cfg, output_dir, resuming=ckpt_path is not None and fit)
     callbacks = instantiate_group(cfg.get("callbacks"))
+    if changed:
+        callbacks.append(ResumedSchedule())
     loggers = instantiate_group(
         cfg.get("logger"), group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
     )
@@ -90,10 +133,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_run_setup(loggers, cfg, params)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if fit:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_time = time.perf_counter() - start
     # The final weights are tested (the best epoch's validation error is reported beside them).
-    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    tested: dict[str, float] = {}
+    if test:
+        tested = trainer.test(
+            module, datamodule=datamodule, ckpt_path=None if fit else ckpt_path, verbose=False
+        )[0]
 
     rows = next((cb.rows for cb in callbacks if isinstance(cb, EpochSummary)), [])
     val_rows = [r for r in rows if "val/err1" in r]
@@ -105,9 +153,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": params,
         "epochs": trainer.current_epoch,
         "wall_time_s": round(wall_time, 2),
-        "test_err1": test.get("test/err1"),
-        "test_err5": test.get("test/err5"),
-        "test_loss": test.get("test/loss"),
+        "test_err1": tested.get("test/err1"),
+        "test_err5": tested.get("test/err5"),
+        "test_loss": tested.get("test/loss"),
         "best_val_err1": best["val/err1"] if best else None,
         "best_val_epoch": int(best["epoch"]) if best else None,
         "final_val_err1": val_rows[-1]["val/err1"] if val_rows else None,
@@ -115,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "tags": list(cfg.get("tags") or []),
     }
+    if not fit:
+        results["ckpt_path"] = str(ckpt_path)
     if trainer.is_global_zero:
         # Class names let a run directory classify images on its own (see classify.py).
         rundir.write_json(output_dir / rundir.CLASSES, list(datamodule.classes), sort_keys=False)
@@ -125,6 +175,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info(line)
     log_rank_results(trainer, results)
     return results
+
+
+def intact_checkpoint_note(run_dir: Path) -> str:
+    """What survives a failed write: the last checkpoint (atomic writes leave it whole)."""
+    last = rundir.checkpoint(run_dir, rundir.LAST)
+    if not last.is_file():
+        return "no checkpoint was written yet; free space and start the run again."
+    return (
+        f"{last} is intact ({checkpoint_position(last)}); free space and resume with "
+        f"`ckpt_path=last hydra.run.dir={run_dir}` and the run's overrides."
+    )
 
 
 def print_config(cfg: DictConfig, fields: Sequence[str]) -> None:
