@@ -103,7 +103,7 @@ def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
 def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> Run:
     """Build the run's model from its config.yaml, load the checkpoint, put it in eval mode."""
     run_dir, checkpoint = find_run(path, ckpt)
-    config = OmegaConf.load(run_dir / rundir.CONFIG)
+    config = OmegaConf.load(rundir.latest_config(run_dir))  # the config it last trained with
     model: nn.Module = instantiate(config.model)
     loaded = load_weights(model, checkpoint, str(config.model.name))
     model.eval().to(resolve_device(device))
