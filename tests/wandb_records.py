@@ -51,6 +51,8 @@ class OfflineRun:
     """What a run logged: its config, history rows (one per `log` call) and summary."""
 
     run_id: str
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +69,8 @@ def read_offline_run(run_file: Path) -> OfflineRun:
     for record in records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.run_id = record.run.run_id
+            run.run_id, run.group = record.run.run_id, record.run.run_group
+            run.tags = list(record.run.tags)
             run.config.update({key(i): json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
             run.config.update({key(i): json.loads(i.value_json) for i in record.config.update})
