@@ -187,10 +187,10 @@ def live_process():
     proc.wait()
 
 
-def hold_lock(run_dir: Path, pid: int, host: str | None = None) -> Path:
+def hold_lock(run_dir: Path, pid: int, host: str | None = None, job: str = "") -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / rundir.LOCK
-    lock.write_text(f"{pid} {host or socket.gethostname()}\n")
+    lock.write_text(f"{pid} {host or socket.gethostname()} {job}\n")
     return lock
 
 
@@ -233,6 +233,20 @@ def test_run_lock_is_released_taken_over_when_stale_and_shared_with_children(
     hold_lock(tmp_path, live_process, host="another-host")  # cannot tell: refuse
     with pytest.raises(RunError, match="another-host"):
         rundir.RunLock(tmp_path).__enter__()
+
+
+def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatch) -> None:
+    # Killed hard on one node, requeued (same job id) on another.
+    hold_lock(tmp_path, 4242, host="node-a", job="777")
+    monkeypatch.setenv("SLURM_JOB_ID", "778")
+    with pytest.raises(RunError, match="node-a"):
+        rundir.RunLock(tmp_path).__enter__()
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    with rundir.RunLock(tmp_path):
+        assert (tmp_path / rundir.LOCK).read_text().split() == [
+            str(os.getpid()), socket.gethostname(), "777"
+        ]
+    assert not (tmp_path / rundir.LOCK).exists()
 
 
 # --- a full disk --------------------------------------------------------------------------------

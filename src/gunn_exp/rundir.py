@@ -183,14 +183,16 @@ def save_config(cfg: Any, run_dir: str | Path, resuming: bool = False) -> Path:
 class RunLock:
     """`<run>/run.lock` while a process trains into the run directory: a second run refuses.
 
-    The file holds `<pid> <host>`. A lock whose process is gone (killed, crashed; same host) is
-    stale and taken over. A lock held by this process's parent is the same run: Lightning's DDP
-    ranks and multirun jobs re-run train.py as child processes of the process holding it.
+    The file holds `<pid> <host> [<SLURM job id>]`. A lock whose process is gone (killed, crashed;
+    same host) is stale and taken over, and so is one of this SLURM job before it was requeued.
+    A lock held by this process's parent is the same run: Lightning's DDP ranks and multirun
+    jobs re-run train.py as child processes of the process holding it.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOCK
-        self.mine = f"{os.getpid()} {socket.gethostname()}"
+        self.job = os.environ.get("SLURM_JOB_ID", "")
+        self.mine = f"{os.getpid()} {socket.gethostname()} {self.job}".rstrip()
         self.held = False
 
     def __enter__(self) -> RunLock:
@@ -199,11 +201,14 @@ class RunLock:
             holder = self._holder()
             if holder is None:
                 continue  # released between our attempt and the read
-            pid, host = holder
+            pid, host, job = holder
             if host == socket.gethostname() and pid == os.getppid():
                 return self  # our parent's run: not ours to take or release
-            if host == socket.gethostname() and not _alive(pid):
-                self.path.unlink(missing_ok=True)  # stale: its process is gone
+            here = host == socket.gethostname()
+            if (here and not _alive(pid)) or (self.job and job == self.job and pid != os.getpid()):
+                # Stale: its process is gone, or it is this SLURM job before a requeue (which
+                # may land on another node after a hard kill).
+                self.path.unlink(missing_ok=True)
                 continue
             raise RunError(
                 f"run directory {self.path.parent} is in use by process {pid} on {host} "
@@ -219,7 +224,8 @@ class RunLock:
         err: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.held and self._holder() == (os.getpid(), socket.gethostname()):
+        holder = self._holder()
+        if self.held and holder and holder[:2] == (os.getpid(), socket.gethostname()):
             self.path.unlink(missing_ok=True)
         self.held = False
 
@@ -232,14 +238,15 @@ class RunLock:
             f.write(self.mine + "\n")
         return True
 
-    def _holder(self) -> tuple[int, str] | None:
+    def _holder(self) -> tuple[int, str, str] | None:
+        """(pid, host, SLURM job id or "") of the lock's holder; None if there is no lock."""
         try:
-            pid, host = self.path.read_text().split()
-            return int(pid), host
+            pid, host, *job = self.path.read_text().split()
+            return int(pid), host, "".join(job)
         except FileNotFoundError:
             return None
         except ValueError:  # empty or garbled (a writer killed mid-write): nobody holds it
-            return 0, socket.gethostname()
+            return 0, socket.gethostname(), ""
 
 
 def _alive(pid: int) -> bool:

@@ -19,7 +19,7 @@ from gunn_exp import rundir
 from gunn_exp.config import validate_config
 from gunn_exp.errors import ConfigError, DiskFull
 from gunn_exp.inference.preprocessing import Preprocessing
-from gunn_exp.inference.weights import init_from_checkpoint
+from gunn_exp.inference.weights import init_from_checkpoint, load_weights
 from gunn_exp.training.callbacks import EpochSummary
 from gunn_exp.training.checkpoints import (
     AtomicCheckpointIO,
@@ -116,6 +116,8 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if ckpt_path is not None and fit:
         check_resumable(ckpt_path, model, cfg.model.name)
         changed = check_config_change(cfg, ckpt_path, output_dir)
+    elif ckpt_path is not None:  # train=false: test these weights (refused in one line if other)
+        epochs = load_weights(model, ckpt_path, cfg.model.name).get("epoch", -1) + 1
     if rank_zero_only.rank == 0:
         rundir.save_config(cfg, output_dir, resuming=ckpt_path is not None and fit)
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -139,9 +141,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     # The final weights are tested (the best epoch's validation error is reported beside them).
     tested: dict[str, float] = {}
     if test:
-        tested = trainer.test(
-            module, datamodule=datamodule, ckpt_path=None if fit else ckpt_path, verbose=False
-        )[0]
+        tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
     rows = next((cb.rows for cb in callbacks if isinstance(cb, EpochSummary)), [])
     val_rows = [r for r in rows if "val/err1" in r]
@@ -151,7 +151,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "data": cfg.data.name,
         "seed": cfg.get("seed"),
         "params": params,
-        "epochs": trainer.current_epoch,
+        "epochs": trainer.current_epoch if fit else epochs,
         "wall_time_s": round(wall_time, 2),
         "test_err1": tested.get("test/err1"),
         "test_err5": tested.get("test/err5"),
