@@ -64,6 +64,18 @@ def test_train_then_eval_by_checkpoint_path(run_train) -> None:
     assert evaluated["err1"] == pytest.approx(results(run_dir)["test_err1"], abs=1e-3)
 
 
+def test_eval_without_run_dir_or_ckpt_path_names_both() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from gunn_exp.errors import ConfigError
+    from gunn_exp.inference.evaluate import evaluate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval")
+    with pytest.raises(ConfigError, match="run_dir=<run directory>.* or ckpt_path=<file.ckpt>"):
+        evaluate(cfg)
+
+
 def test_multirun_with_the_default_tags_stops_with_a_hint(tmp_path: Path) -> None:
     proc = run_entry(
         "train.py", "-m", "data=digits", "model=gunn_mini", "debug=tiny", "seed=1,2",
@@ -139,6 +151,8 @@ def test_experiment_fast_dev_run(run_train, generated_data: Path, experiment: st
     ]  # fmt: skip
     if "cifar" in experiment:
         data += ["data.download=false", "data.verify_checksums=false"]
+    if "imagenet" in experiment:
+        data += ["data.num_classes=3"]  # the generated tree's classes
     _, run_dir = run_train(f"experiment={experiment}", "debug=fast_dev_run", *data)
     saved = results(run_dir)
     assert saved["epochs"] == 1 and saved["test_err1"] is not None

@@ -95,7 +95,7 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[IO[bytes]], 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as err:
-        if _out_of_space(err):
+        if out_of_space(err):
             tmp.unlink(missing_ok=True)  # give the space back before anything else runs
             raise DiskFull(str(path), shutil.disk_usage(path.parent).free) from err
         raise
@@ -109,14 +109,14 @@ def atomic_write(path: str | Path, content: str | bytes | Callable[[IO[bytes]], 
     return path
 
 
-def _out_of_space(err: BaseException | None) -> bool:
-    """Whether `err` or an error it was raised from is ENOSPC/EDQUOT (torch.save, for one,
+def out_of_space(err: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT error `err` is or was raised from, if any (torch.save, for one,
     reports a failed write as a RuntimeError raised while handling the OSError)."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+            return err
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> Path:

@@ -110,7 +110,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # in these groups counts except the listed keys (I/O, speed, exact alternative implementations).
 TRAINING_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("impl",),
-    "data": ("data_dir", "download", "num_workers", "verify_checksums", "pin_memory"),
+    "data": ("data_dir", "download", "num_workers", "verify_checksums", "pin_memory", "ten_crop"),
     "optimizer": ("fused", "foreach"),
     "scheduler": (),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -75,8 +76,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with lock:
         try:
             return _train(cfg, output_dir)
-        except DiskFull as err:
-            raise DiskFull(err.path, err.free_bytes, intact_checkpoint_note(output_dir)) from err
+        except Exception as err:  # a full disk, wherever the write was (ours or a library's)
+            cause = rundir.out_of_space(err)
+            if cause is None:
+                raise
+            path = err.path if isinstance(err, DiskFull) else cause.filename or output_dir
+            free = shutil.disk_usage(output_dir).free
+            raise DiskFull(str(path), free, intact_checkpoint_note(output_dir)) from err
 
 
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
