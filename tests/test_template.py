@@ -193,10 +193,10 @@ def test_sweeps_with_wandb_offline(tmp_path: Path, ddp: bool) -> None:
     the sweep's group, each holding its job's config and metrics."""
     extra = ["trainer=ddp_cpu"] if ddp else []
     for sweep, args in (
-        (tmp_path / "grid", ["-m", "seed=1,2", "tags=[wandb_sweep]"]),
+        (tmp_path / "grid", ["-m", "seed=1,2", "tags=[wandb_sweep]"]),  # -m before overrides
         (tmp_path / "optuna", ["hparams_search=gunn15_optuna", "hydra.sweeper.n_trials=2"]),
     ):
-        train_entry(*TINY, *args, *extra, "logger=wandb", "trainer.max_epochs=1",
+        train_entry(*args, *TINY, *extra, "logger=wandb", "trainer.max_epochs=1",
                     f"hydra.sweep.dir={sweep}", env=WANDB_OFFLINE)  # fmt: skip
         jobs = sweep_jobs(sweep)
         assert len(jobs) == 2

@@ -4,6 +4,7 @@ run directory across resumes, the config as hyper-parameters, plots."""
 from __future__ import annotations
 
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,17 @@ def log_curves(loggers: list[Logger], path: Path) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key="curves", images=[str(path)])
+
+
+def finish_wandb_run(failed: bool) -> None:
+    """End this process's wandb run, if one is open.
+
+    WandbLogger reuses a run that is still open, so without this the second job of an in-process
+    sweep (Hydra's basic launcher, Optuna) would log into the first job's wandb run.
+    """
+    wandb = sys.modules.get("wandb")  # not imported: no wandb run to end
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 # Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.

@@ -39,6 +39,7 @@ from gunn_exp.training.launch import (
     run_job_as_single_run,
 )
 from gunn_exp.training.loggers import (
+    finish_wandb_run,
     log_curves,
     log_run_setup,
     wandb_group,
@@ -74,8 +75,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Rank 0 holds the lock; the other ranks of a DDP run write into the same run on purpose.
     lock = rundir.RunLock(output_dir) if rank_zero_only.rank == 0 else nullcontext()
     with lock:
+        failed = True
         try:
-            return _train(cfg, output_dir)
+            results = _train(cfg, output_dir)
+            failed = False
+            return results
         except Exception as err:  # a full disk, wherever the write was (ours or a library's)
             cause = rundir.out_of_space(err)
             if cause is None:
@@ -83,6 +87,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             path = err.path if isinstance(err, DiskFull) else cause.filename or output_dir
             free = shutil.disk_usage(output_dir).free
             raise DiskFull(str(path), free, intact_checkpoint_note(output_dir)) from err
+        finally:
+            finish_wandb_run(failed)
 
 
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
