@@ -244,7 +244,9 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("SLURM_JOB_ID", "777")
     with rundir.RunLock(tmp_path):
         assert (tmp_path / rundir.LOCK).read_text().split() == [
-            str(os.getpid()), socket.gethostname(), "777"
+            str(os.getpid()),
+            socket.gethostname(),
+            "777",
         ]
     assert not (tmp_path / rundir.LOCK).exists()
 

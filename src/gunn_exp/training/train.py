@@ -123,13 +123,13 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         compile=cfg.get("compile", False),
         compile_mode=cfg.get("compile_mode"),
     )
-    changed = False
+    changed, ckpt_epochs = False, None
     # Before anything is written: a refused resume changes nothing.
     if ckpt_path is not None and fit:
         check_resumable(ckpt_path, model, cfg.model.name)
         changed = check_config_change(cfg, ckpt_path, output_dir)
     elif ckpt_path is not None:  # train=false: test these weights (refused in one line if other)
-        epochs = load_weights(model, ckpt_path, cfg.model.name).get("epoch", -1) + 1
+        ckpt_epochs = load_weights(model, ckpt_path, cfg.model.name).get("epoch", -1) + 1
     if rank_zero_only.rank == 0:
         rundir.save_config(cfg, output_dir, resuming=ckpt_path is not None and fit)
     callbacks = instantiate_group(cfg.get("callbacks"))
@@ -163,7 +163,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         "data": cfg.data.name,
         "seed": cfg.get("seed"),
         "params": params,
-        "epochs": trainer.current_epoch if fit else epochs,
+        "epochs": trainer.current_epoch if fit else ckpt_epochs,
         "wall_time_s": round(wall_time, 2),
         "test_err1": tested.get("test/err1"),
         "test_err5": tested.get("test/err5"),
