@@ -94,12 +94,13 @@ def check_rank_run_dirs(trainer: pl.Trainer) -> None:
     )
 
 
-def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
+def run_job_as_single_run(output_dir: Path, wandb_group: str | None = None) -> dict[str, Any]:
     """Run this multirun job in a fresh `python train.py <job overrides>` process; its results.
 
     The child writes into the job's directory (`hydra.run.dir`) and leaves the job's `.hydra/`
     as the sweep wrote it. SIGTERM/SIGINT are forwarded to it (it checkpoints and stops); it is
     in its own session so a terminal's Ctrl-C reaches it once, through this process.
+    `wandb_group`: the sweep's wandb group, which the child (a single run) cannot know itself.
     """
     hydra_cfg = HydraConfig.get()
     job = f"multirun job {hydra_cfg.job.num}"
@@ -109,6 +110,7 @@ def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
         f"hydra.run.dir={_quoted(output_dir)}",
         "hydra.output_subdir=null",
         "hydra.mode=RUN",  # a sweep config (hparams_search=...) must not start a sweep again
+        *([f"logger.wandb.group={_quoted(wandb_group)}"] if wandb_group else []),
     ]
     log.info(f"{job} starts DDP ranks: running it as a single run: {shlex.join(command)}")
     child = subprocess.Popen(command, cwd=get_original_cwd(), start_new_session=True)
@@ -150,7 +152,7 @@ def _entry_command() -> list[str]:
     return [sys.executable, os.path.join(get_original_cwd(), sys.argv[0])]
 
 
-def _quoted(path: Path) -> str:
+def _quoted(path: Path | str) -> str:
     """`path` as a quoted Hydra override value (any character allowed)."""
     escaped = str(path).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"

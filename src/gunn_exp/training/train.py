@@ -142,7 +142,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     if in_multirun() and launches_own_ranks(trainer):
-        return run_job_as_single_run(output_dir)  # see launch.py: DDP inside a multirun
+        # See launch.py: DDP inside a multirun. The sweep's wandb group goes along.
+        group = wandb_group(cfg) if OmegaConf.select(cfg, "logger.wandb._target_") else None
+        return run_job_as_single_run(output_dir, wandb_group=group)
     check_rank_run_dirs(trainer)
     log_run_setup(loggers, cfg, params)
 
