@@ -1,5 +1,6 @@
 """Re-evaluate a finished run: `python eval.py run_dir=<run> [ckpt=last] [data=...] [ten_crop=true]`
-(see conf/eval.yaml and docs/USING_MODELS.md)."""
+or `python eval.py ckpt_path=<run>/checkpoints/last.ckpt` (conf/eval.yaml, docs/USING_MODELS.md).
+"""
 
 import hydra
 from omegaconf import DictConfig

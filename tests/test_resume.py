@@ -64,7 +64,8 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(uninterrupted: Path, tmp_p
     run_dir = tmp_path / "run"
     train(run_dir, "trainer.max_epochs=2")
     assert [r["epoch"] for r in metrics(run_dir)] == ["1", "2"]
-    proc = train(run_dir, "trainer.max_epochs=4", "ckpt_path=last")
+    # A longer run than the one resumed: a change of the training config, on purpose.
+    proc = train(run_dir, "trainer.max_epochs=4", "ckpt_path=last", "allow_config_change=true")
     assert "resuming from" in proc.stdout + proc.stderr
     assert metrics(run_dir) == metrics(uninterrupted)  # every column of every epoch
     assert results(run_dir) == results(uninterrupted)
@@ -175,7 +176,8 @@ def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     """Offline wandb: the first run and its resumption write runs with one id."""
     run_dir = tmp_path / "run"
     env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    for overrides in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "ckpt_path=last"]):
+    extend = ["trainer.max_epochs=2", "ckpt_path=last", "allow_config_change=true"]
+    for overrides in (["trainer.max_epochs=1"], extend):
         subprocess.run(
             [
                 sys.executable,

@@ -53,6 +53,16 @@ class NonFiniteLoss(RunStopped):
     """The training loss became nan/inf."""
 
 
+class DiskFull(RunStopped):
+    """A write failed for lack of space (ENOSPC/EDQUOT); the file it was replacing is intact."""
+
+    def __init__(self, path: str, free_bytes: int | None = None, detail: str = "") -> None:
+        free = f", {free_bytes / 2**20:.0f} MiB free" if free_bytes is not None else ""
+        message = f"disk full while writing {path} (no space left on its device{free})"
+        super().__init__(f"{message}; {detail}" if detail else message)
+        self.path, self.free_bytes = path, free_bytes
+
+
 class Interrupted(RunStopped):
     """A signal (SIGTERM from SLURM or `kill`, SIGINT from Ctrl-C) stopped training."""
 

@@ -41,7 +41,7 @@ MAX_LABELLED_CLASSES = 30  # beyond this the confusion matrix plot has no tick l
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` of run `cfg.run_dir` on the test split; return and write the results."""
     validate_config(cfg)
-    run = load_run(cfg.run_dir, cfg.ckpt, device=cfg.device)
+    run = load_run(*_run_and_checkpoint(cfg), device=cfg.device)
     data_cfg = _data_config(cfg, run.config)
     validate_config(OmegaConf.create({"data": data_cfg}))
     num_classes = int(run.model.num_classes)
@@ -97,6 +97,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _run_and_checkpoint(cfg: DictConfig) -> tuple[str, str]:
+    """What to load: `run_dir` with `ckpt`, or `ckpt_path=<file.ckpt>` (lightning-hydra-template's
+    key) whose run directory is found from its location (rundir.find_run_dir)."""
+    ckpt_path, run_dir = cfg.get("ckpt_path"), cfg.get("run_dir")
+    if ckpt_path:
+        # With run_dir as well: a checkpoint kept outside its run (run_dir says which run).
+        return (run_dir, ckpt_path) if run_dir else (ckpt_path, ckpt_path)
+    if not run_dir:
+        raise ConfigError(
+            "nothing to evaluate: give run_dir=<run directory> [ckpt=best|last] or "
+            "ckpt_path=<file.ckpt> (a checkpoint inside a run directory)."
+        )
+    return run_dir, cfg.ckpt
+
+
 def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
     """The data config to evaluate on: the run's, or `data=<name>`'s, with eval's key overrides."""
     source = cfg.data if cfg.get("data") else run_config.data
@@ -127,7 +142,8 @@ class _Evaluation(ClassificationModule):
 
 
 def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
-    tag = cfg.ckpt if cfg.ckpt in CKPT_NAMES else Path(cfg.ckpt).stem
+    ckpt = cfg.get("ckpt_path") or cfg.ckpt
+    tag = ckpt if ckpt in CKPT_NAMES else Path(ckpt).stem
     if cfg.get("data"):
         tag += f"_{data_cfg['name']}"
     if data_cfg.get("ten_crop"):

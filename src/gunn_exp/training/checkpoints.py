@@ -1,20 +1,24 @@
-"""Training checkpoints: which file `ckpt_path` means, refusing one that cannot resume this config,
-and writing every checkpoint atomically (a kill during a save never leaves a truncated file)."""
+"""Training checkpoints: which file `ckpt_path` means, refusing one that cannot resume this config
+(other weights, or a config that trains differently), and writing every checkpoint atomically (a
+kill during a save never leaves a truncated file)."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins import TorchCheckpointIO
 from torch import nn
 
 from gunn_exp import rundir
-from gunn_exp.errors import CheckpointError
+from gunn_exp.errors import CheckpointError, ConfigError
 from gunn_exp.inference.weights import StateDiff, load_checkpoint, model_state
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,15 @@ def check_resumable(path: Path, model: nn.Module, model_name: str) -> None:
     log.info(f"resuming from {path} (epoch {ckpt['epoch'] + 1}, step {ckpt['global_step']})")
 
 
+def checkpoint_position(path: Path) -> str:
+    """Where in training checkpoint `path` was saved: `epoch 3, step 120` (epochs from 1)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a report on a failure path: say what is known, never raise
+        return f"unreadable: {err.__class__.__name__}"
+    return f"saved in epoch {ckpt['epoch'] + 1}, step {ckpt['global_step']}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer through `rundir.atomic_write` for local paths.
 
@@ -91,3 +104,125 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         rundir.atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+# What a resume may not change silently: (group, keys that do not change training). Everything
+# in these groups counts except the listed keys (I/O, speed, exact alternative implementations).
+TRAINING_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("impl",),
+    "data": ("data_dir", "download", "num_workers", "verify_checksums", "pin_memory", "ten_crop"),
+    "optimizer": ("fused", "foreach"),
+    "scheduler": (),
+}
+TRAINING_KEYS = (
+    "seed",
+    "trainer.max_epochs",
+    "trainer.precision",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+    "trainer.gradient_clip_algorithm",
+    "trainer.limit_train_batches",
+    "trainer.overfit_batches",
+)
+ALLOW_FLAG = "allow_config_change"
+
+
+def training_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The resolved values of `cfg` that decide how a run trains, as flat `a.b` keys."""
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {}
+    for group, ignored in TRAINING_GROUPS.items():
+        node = container.get(group)
+        if not isinstance(node, dict):
+            flat[group] = node  # e.g. scheduler: null
+            continue
+        flat.update({f"{group}.{k}": v for k, v in node.items() if k not in ignored})
+    for key in TRAINING_KEYS:
+        group, _, name = key.rpartition(".")
+        node = container.get(group, {}) if group else container
+        flat[key] = node.get(name) if isinstance(node, dict) else None
+    return flat
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, run's value, new value) for every training value that differs."""
+    return [
+        (key, before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
+
+
+def check_config_change(cfg: DictConfig, ckpt_path: Path, run_dir: Path) -> bool:
+    """Refuse a resume whose config trains differently from the run that wrote the checkpoint.
+
+    The run's config is the latest of its history (rundir.config_history) in the checkpoint's
+    run directory, else in `run_dir`. `allow_config_change=true` lets a run be changed on purpose
+    (e.g. extended with a larger trainer.max_epochs); see `ResumedSchedule` for the schedule.
+    Returns whether the config changes training (and so whether ResumedSchedule is needed).
+    """
+    source = rundir.find_run_dir(ckpt_path) or run_dir
+    history = rundir.config_history(source)
+    if not history:
+        log.warning(f"resuming from {ckpt_path}: no config.yaml of its run to compare with")
+        return False
+    run_config = history[-1]
+    changes = config_changes(
+        training_config(OmegaConf.to_container(OmegaConf.load(run_config), resolve=False)),
+        training_config(cfg),
+    )
+    if not changes:
+        return False
+    shown = ", ".join(f"{k}: run {old!r}, now {new!r}" for k, old, new in changes[:4])
+    more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
+    if cfg.get(ALLOW_FLAG, False):
+        log.warning(f"resuming {source} with a changed config ({ALLOW_FLAG}): {shown}{more}")
+        return True
+    raise ConfigError(
+        f"resuming {source} with a config that trains differently from {run_config.name}: "
+        f"{shown}{more}. Resume with the run's values, or add {ALLOW_FLAG}=true to change the "
+        f"run on purpose (the rest of the run then follows the new schedule; README 'Resuming')."
+    )
+
+
+class ResumedSchedule(pl.Callback):
+    """After a resume that changed the recipe on purpose: the remaining epochs follow the new one.
+
+    Lightning restores the optimizer and scheduler from the checkpoint, hyper-parameters
+    included (a cosine schedule keeps its old T_max and would rise again past it). Here the
+    new config's scheduler options (T_max, milestones, gamma, ...) and optimizer options (lr,
+    weight_decay, momentum) replace the restored ones, and the current lr is recomputed in
+    closed form at the epoch reached: epoch e of the resumed run gets the lr the new schedule
+    gives epoch e. Only added when the config changed (a plain resume stays bit-exact).
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer_options = getattr(pl_module.optimizer_factory, "keywords", {})
+        scheduler_options = getattr(pl_module.scheduler_factory, "keywords", {})
+        changed = False
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for key, value in optimizer_options.items():
+                    # Not lr: the group holds the scheduled lr; the base lr is initial_lr.
+                    if key in group and key not in ("params", "lr") and group[key] != value:
+                        group[key], changed = value, True
+                if "lr" in optimizer_options and group.get("initial_lr") != optimizer_options["lr"]:
+                    group["initial_lr"], changed = optimizer_options["lr"], True
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for key, value in scheduler_options.items():
+                new = Counter(value) if key == "milestones" else value
+                if callable(value) or not hasattr(scheduler, key):
+                    continue
+                if getattr(scheduler, key) != new:
+                    setattr(scheduler, key, new)
+                    changed = True
+            if not changed:
+                continue  # same recipe (e.g. only trainer.max_epochs grew): keep the exact state
+            scheduler.base_lrs = [g["initial_lr"] for g in scheduler.optimizer.param_groups]
+            closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+            lrs = closed_form() if closed_form else scheduler.get_lr()
+            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = list(lrs)
+            log.info(f"resumed schedule: epoch {trainer.current_epoch + 1} at lr {lrs[0]:.4g}")

@@ -5,6 +5,7 @@ the entry point prints as one line."""
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from gunn_exp import rundir
 from gunn_exp.errors import Interrupted, NonFiniteLoss
+from gunn_exp.training.checkpoints import checkpoint_position
 
 log = logging.getLogger(__name__)
 
@@ -105,30 +107,81 @@ class GracefulStop(pl.Callback):
 
 
 class FiniteLossGuard(pl.Callback):
-    """Stops training when the loss is nan/inf, before its backward pass and optimizer step.
+    """Stops a diverging run before the bad step, and keeps every checkpoint one to resume from.
 
-    The weights stay those of the last good step and nothing is saved, so the checkpoints on
-    disk are the last good ones. Costs one host sync per step (and one all-reduce of a flag
-    under DDP, so every rank stops at the same step).
+    A step whose loss is nan/inf, or more than `max_loss_ratio` times the largest of the run's
+    first `reference_steps` losses (a run blowing up: weights growing towards 1e20 long before
+    the loss overflows), stops training before its backward pass and optimizer step. A
+    checkpoint whose weights or buffers are not all finite is never written. So the checkpoints
+    on disk are the last sane ones, and the message says which epoch `last.ckpt` holds.
+
+    Costs one host sync per step (and one all-reduce of a flag under DDP, so every rank stops
+    at the same step). The reference losses are saved in checkpoints, so a resumed run keeps
+    comparing with the run's own start.
     """
 
-    def __init__(self, dirpath: str) -> None:
+    def __init__(
+        self, dirpath: str, max_loss_ratio: float | None = 100.0, reference_steps: int = 10
+    ) -> None:
         self.last = Path(dirpath) / rundir.ckpt_name(rundir.LAST)
+        self.max_loss_ratio = max_loss_ratio
+        self.reference_steps = reference_steps
+        self.first_losses: list[float] = []
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if not trainer.strategy.reduce_boolean_decision(not finite, all=False):
+        value = float(loss.detach().float().mean())
+        problem = None
+        if not math.isfinite(value):
+            problem = f"non-finite training loss ({value})"
+        elif self.first_losses and self._limit() is not None and value > self._limit():
+            problem = (
+                f"diverging training loss ({value:.4g}, more than {self.max_loss_ratio:g}x the "
+                f"run's first losses, max {max(self.first_losses):.4g})"
+            )
+        elif len(self.first_losses) < self.reference_steps:
+            self.first_losses.append(value)
+        if not trainer.strategy.reduce_boolean_decision(problem is not None, all=False):
             return
-        kept = (
-            f"the last good checkpoint is {self.last}"
-            if self.last.is_file()
-            else "no checkpoint was written yet"
-        )
+        problem = problem or "another rank's non-finite or diverging training loss"
         raise NonFiniteLoss(
-            f"non-finite training loss ({loss.item()}) in epoch {trainer.current_epoch + 1}, "
-            f"step {trainer.global_step}: stopped before this step updated the weights; "
-            f"{kept}. Lower optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or check "
-            f"the data."
+            f"{problem} in epoch {trainer.current_epoch + 1}, step {trainer.global_step}: "
+            f"stopped before this step updated the weights; {self._kept()}. Lower optimizer.lr, "
+            f"clip gradients (trainer.gradient_clip_val=1.0) or check the data."
+        )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Before the file is written: raising here keeps the previous checkpoint on disk.
+        bad = [
+            name
+            for name, tensor in checkpoint.get("state_dict", {}).items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            raise NonFiniteLoss(
+                f"non-finite weights ({', '.join(bad[:3]) or 'on another rank'}) at the end of "
+                f"epoch {trainer.current_epoch + 1}: not saved; {self._kept()}. Lower "
+                f"optimizer.lr, clip gradients (trainer.gradient_clip_val=1.0) or check the data."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_losses": list(self.first_losses)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.first_losses = list(state_dict.get("first_losses", []))
+
+    def _limit(self) -> float | None:
+        if self.max_loss_ratio is None:
+            return None
+        return self.max_loss_ratio * max(self.first_losses)
+
+    def _kept(self) -> str:
+        if not self.last.is_file():
+            return "no checkpoint was written yet"
+        return (
+            f"the last good checkpoint is {self.last} ({checkpoint_position(self.last)}): resume "
+            f"from it with `ckpt_path=last hydra.run.dir={self.last.parent.parent}` and a fix"
         )

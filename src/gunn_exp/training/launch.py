@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd
+from omegaconf import DictConfig, OmegaConf
 
 from gunn_exp import rundir
 from gunn_exp.errors import ConfigError, Interrupted, RunStopped
@@ -44,6 +45,33 @@ def launches_own_ranks(trainer: pl.Trainer) -> bool:
     """Whether `trainer.fit` would start this run's other processes itself."""
     env = getattr(trainer.strategy, "cluster_environment", None)
     return trainer.world_size > 1 and env is not None and not env.creates_processes_externally
+
+
+# Lightning strategies whose ranks run `fit` in processes forked or spawned from this one.
+CHILD_PROCESS_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
+SPAWN_METHODS = ("spawn", "fork", "forkserver")
+
+
+def refuse_child_process_ranks(cfg: DictConfig) -> None:
+    """Refuse strategies that train in child processes (ddp_spawn, ddp_fork, ddp_notebook).
+
+    Their ranks run `fit` in processes started from this one and only the weights come back:
+    the per-epoch rows, the best epoch and the epoch count stay in the children, so results.json
+    would describe a run that never trained. `ddp` re-runs the script for each rank instead,
+    where every rank (rank 0 included) keeps its own state, and gives the same training.
+    """
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if isinstance(strategy, str) and strategy.startswith(CHILD_PROCESS_STRATEGIES):
+        name = strategy
+    elif isinstance(strategy, DictConfig) and strategy.get("start_method") in SPAWN_METHODS:
+        name = f"{strategy.get('_target_')}(start_method={strategy.start_method})"
+    else:
+        return
+    raise ConfigError(
+        f"trainer.strategy={name} is not supported: it trains in child processes whose "
+        f"results never reach this one (results.json would describe an untrained run); use "
+        f"trainer.strategy=ddp (trainer=ddp, or trainer=ddp_cpu on CPUs), same training."
+    )
 
 
 def check_rank_run_dirs(trainer: pl.Trainer) -> None:
@@ -66,12 +94,13 @@ def check_rank_run_dirs(trainer: pl.Trainer) -> None:
     )
 
 
-def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
+def run_job_as_single_run(output_dir: Path, wandb_group: str | None = None) -> dict[str, Any]:
     """Run this multirun job in a fresh `python train.py <job overrides>` process; its results.
 
     The child writes into the job's directory (`hydra.run.dir`) and leaves the job's `.hydra/`
     as the sweep wrote it. SIGTERM/SIGINT are forwarded to it (it checkpoints and stops); it is
     in its own session so a terminal's Ctrl-C reaches it once, through this process.
+    `wandb_group`: the sweep's wandb group, which the child (a single run) cannot know itself.
     """
     hydra_cfg = HydraConfig.get()
     job = f"multirun job {hydra_cfg.job.num}"
@@ -81,6 +110,7 @@ def run_job_as_single_run(output_dir: Path) -> dict[str, Any]:
         f"hydra.run.dir={_quoted(output_dir)}",
         "hydra.output_subdir=null",
         "hydra.mode=RUN",  # a sweep config (hparams_search=...) must not start a sweep again
+        *([f"logger.wandb.group={_quoted(wandb_group)}"] if wandb_group else []),
     ]
     log.info(f"{job} starts DDP ranks: running it as a single run: {shlex.join(command)}")
     child = subprocess.Popen(command, cwd=get_original_cwd(), start_new_session=True)
@@ -122,7 +152,7 @@ def _entry_command() -> list[str]:
     return [sys.executable, os.path.join(get_original_cwd(), sys.argv[0])]
 
 
-def _quoted(path: Path) -> str:
+def _quoted(path: Path | str) -> str:
     """`path` as a quoted Hydra override value (any character allowed)."""
     escaped = str(path).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"

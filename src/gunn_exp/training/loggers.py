@@ -8,6 +8,7 @@ library's own call (wandb: an image, TensorBoard: an image summary, MLflow: an a
 from __future__ import annotations
 
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,12 @@ def wandb_resume_kwargs(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return {"id": run_id, "resume": "allow"}
 
 
+@rank_zero_only
 def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
-    """Record the resolved config and the parameter count with every logger."""
+    """Record the resolved config and the parameter count with every logger.
+
+    Rank 0 only: Lightning gives the other ranks of a DDP run a dummy `experiment` (no summary).
+    """
     hparams: dict[str, Any] = {"params": params, **flat_config(cfg)}
     for logger in loggers:
         logger.log_hyperparams(hparams)
@@ -68,8 +73,9 @@ def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
             logger.experiment.summary["params"] = params
 
 
+@rank_zero_only
 def log_curves(loggers: list[Logger], path: Path) -> None:
-    """Attach the run's final curves plot to wandb, TensorBoard and MLflow runs."""
+    """Attach the run's final curves plot to wandb, TensorBoard and MLflow runs (rank 0 only)."""
     if not path.is_file():
         return
     for logger in loggers:
@@ -82,6 +88,17 @@ def log_curves(loggers: list[Logger], path: Path) -> None:
             logger.experiment.flush()
         elif isinstance(logger, MLFlowLogger):
             logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def finish_wandb_run(failed: bool) -> None:
+    """End this process's wandb run, if one is open.
+
+    WandbLogger reuses a run that is still open, so without this the second job of an in-process
+    sweep (Hydra's basic launcher, Optuna) would log into the first job's wandb run.
+    """
+    wandb = sys.modules.get("wandb")  # not imported: no wandb run to end
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 # Machine-specific or bookkeeping groups: not hyper-parameters of the experiment.

@@ -1,0 +1,211 @@
+"""lightning-hydra-template's test scenarios, driving our entry points as its users would:
+fast_dev_run, a double validation loop, resume, train-then-eval by checkpoint path, every
+experiment config under fast_dev_run, Hydra and Optuna sweeps with and without DDP, and the same
+with wandb offline. The slow ones run with `make test-slow`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, RUN_ENV, run_entry, write_cifar
+from PIL import Image
+from wandb_records import read_offline_run
+
+from gunn_exp import rundir
+
+TINY = ("experiment=digits", "debug=tiny", "print_config=false")
+WANDB_OFFLINE = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / rundir.RESULTS).read_text())
+
+
+def train_entry(*overrides: str, env: dict[str, str] | None = None, check: bool = True,
+                timeout: int = 600) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """train.py with RUN_ENV, or `env` (e.g. wandb offline)."""
+    if env is None:
+        return run_entry("train.py", *overrides, check=check, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+# --- fast ---------------------------------------------------------------------------------------
+
+
+def test_train_fast_dev_run(run_train) -> None:
+    _, run_dir = run_train("experiment=digits", "debug=fast_dev_run")
+    saved = results(run_dir)
+    assert saved["epochs"] == 1 and saved["test_err1"] is not None
+    assert not (run_dir / "checkpoints").exists()  # fast_dev_run writes no checkpoint
+
+
+def test_train_then_eval_by_checkpoint_path(run_train) -> None:
+    _, run_dir = run_train(*TINY, "trainer.max_epochs=1")
+    last = rundir.checkpoint(run_dir, rundir.LAST)
+    # No run_dir: found from the checkpoint's place. The 2 test batches debug=tiny tested.
+    run_entry("eval.py", f"ckpt_path={last}", "limit_batches=2")
+    evaluated = json.loads((run_dir / "eval" / "last_first2" / rundir.RESULTS).read_text())
+    assert evaluated["checkpoint"] == str(last) and evaluated["run_dir"] == str(run_dir)
+    # last.ckpt holds the final weights, which train.py tested on the same test batches.
+    assert evaluated["err1"] == pytest.approx(results(run_dir)["test_err1"], abs=1e-3)
+
+
+def test_eval_without_run_dir_or_ckpt_path_names_both() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from gunn_exp.errors import ConfigError
+    from gunn_exp.inference.evaluate import evaluate
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval")
+    with pytest.raises(ConfigError, match="run_dir=<run directory>.* or ckpt_path=<file.ckpt>"):
+        evaluate(cfg)
+
+
+def test_multirun_with_the_default_tags_stops_with_a_hint(tmp_path: Path) -> None:
+    proc = run_entry(
+        "train.py", "-m", "data=digits", "model=gunn_mini", "debug=tiny", "seed=1,2",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "tags=['dev'] in a multirun" in lines[0] and "tags=[" in lines[0]
+    assert not list(tmp_path.rglob(rundir.RESULTS))
+
+
+# --- slow: the rest of the template's scenarios --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_double_val_loop(run_train) -> None:
+    _, run_dir = run_train(*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=4",
+                           "trainer.val_check_interval=0.5")  # fmt: skip
+    with (run_dir / "csv" / "metrics.csv").open() as f:  # Lightning's step-level log
+        validations = [row for row in csv.DictReader(f) if row.get("val/err1")]
+    assert len(validations) == 2  # twice in the one epoch
+    assert [r["epoch"] for r in rundir.read_metrics(run_dir / rundir.METRICS)] == [1.0]
+
+
+@pytest.mark.slow
+def test_train_resume(run_train) -> None:
+    proc, run_dir = run_train(*TINY, "trainer.max_epochs=1")
+    assert "resuming from" not in proc.stderr + proc.stdout
+    proc, _ = run_train(*TINY, "trainer.max_epochs=2", "ckpt_path=last", "allow_config_change=true")
+    assert "resuming from" in proc.stderr + proc.stdout
+    assert [r["epoch"] for r in rundir.read_metrics(run_dir / rundir.METRICS)] == [1.0, 2.0]
+    assert results(run_dir)["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_test_switch_and_test_only_run(run_train, tmp_path: Path) -> None:
+    _, run_dir = run_train(*TINY, "trainer.max_epochs=1", "test=false")
+    untested = results(run_dir)
+    assert untested["test_err1"] is None and untested["best_val_err1"] is not None
+    last = rundir.checkpoint(run_dir, rundir.LAST)
+    _, test_dir = run_train(*TINY, "train=false", f"ckpt_path={last}", run_dir=tmp_path / "test")
+    tested = results(test_dir)
+    assert tested["test_err1"] is not None and tested["ckpt_path"] == str(last)
+    assert not rundir.checkpoint(test_dir, rundir.LAST).exists()  # nothing trained
+
+
+def write_imagenet(root: Path, classes: int = 3, per_class: int = 4) -> Path:
+    """A tiny ILSVRC-2012-style tree of real JPEG files: train/<wnid>/, val/<wnid>/."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / "imagenet" / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img_{i}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def generated_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_cifar(root, "cifar10")
+    write_cifar(root, "cifar100")
+    return write_imagenet(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_fast_dev_run(run_train, generated_data: Path, experiment: str) -> None:
+    data = [] if experiment in ("digits", "ablation") else [
+        f"paths.data_dir={generated_data}", "data.num_workers=0", "data.batch_size=2"
+    ]  # fmt: skip
+    if "cifar" in experiment:
+        data += ["data.download=false", "data.verify_checksums=false"]
+    if "imagenet" in experiment:
+        data += ["data.num_classes=3"]  # the generated tree's classes
+    _, run_dir = run_train(f"experiment={experiment}", "debug=fast_dev_run", *data)
+    saved = results(run_dir)
+    assert saved["epochs"] == 1 and saved["test_err1"] is not None
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep.glob("*/results.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp_cpu"])
+def test_hydra_sweep(tmp_path: Path, ddp: bool) -> None:
+    sweep = tmp_path / "sweep"
+    train_entry("-m", *TINY, "trainer.max_epochs=1", "seed=1,2", "tags=[sweep_test]",
+                *(["trainer=ddp_cpu"] if ddp else []), f"hydra.sweep.dir={sweep}")  # fmt: skip
+    jobs = sweep_jobs(sweep)
+    assert [results(j)["seed"] for j in jobs] == [1, 2]
+    assert all(results(j)["tags"] == ["sweep_test"] for j in jobs)
+    assert (sweep / "summary.md").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp_cpu"])
+def test_optuna_sweep(tmp_path: Path, ddp: bool) -> None:
+    sweep = tmp_path / "sweep"
+    train_entry("hparams_search=gunn15_optuna", *TINY, "trainer.max_epochs=1",
+                "hydra.sweeper.n_trials=2", *(["trainer=ddp_cpu"] if ddp else []),
+                f"hydra.sweep.dir={sweep}")  # fmt: skip
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    errors = [results(j)["best_val_err1"] for j in sweep_jobs(sweep)]
+    assert len(errors) == 2 and best["best_value"] == min(errors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp_cpu"])
+def test_sweeps_with_wandb_offline(tmp_path: Path, ddp: bool) -> None:
+    """A Hydra sweep and an Optuna sweep with logger=wandb: one offline wandb run per job, all in
+    the sweep's group, each holding its job's config and metrics."""
+    extra = ["trainer=ddp_cpu"] if ddp else []
+    for sweep, args in (
+        (tmp_path / "grid", ["-m", "seed=1,2", "tags=[wandb_sweep]"]),  # -m before overrides
+        (tmp_path / "optuna", ["hparams_search=gunn15_optuna", "hydra.sweeper.n_trials=2"]),
+    ):
+        train_entry(*args, *TINY, *extra, "logger=wandb", "trainer.max_epochs=1",
+                    f"hydra.sweep.dir={sweep}", env=WANDB_OFFLINE)  # fmt: skip
+        jobs = sweep_jobs(sweep)
+        assert len(jobs) == 2
+        for job in jobs:
+            (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+            run = read_offline_run(run_file)
+            assert run.group == sweep.name
+            job_config = yaml.safe_load((job / rundir.CONFIG).read_text())
+            assert run.config["optimizer/lr"] == job_config["optimizer"]["lr"]
+            assert run.config["seed"] == results(job)["seed"]
+            assert any("val/err1" in row for row in run.history)
+            assert run.summary["params"] == results(job)["params"]
