@@ -16,6 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from gunn_exp.training.schedules import register_resolvers
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Fast, quiet, offline settings for every subprocess run of an entry point.
@@ -49,6 +51,7 @@ def compose_config(
     `${hydra:...}` interpolations resolve; the `hydra` node itself is dropped unless `keep_hydra`
     (to inspect sweeper/launcher configs).
     """
+    register_resolvers()  # as the root scripts do (cli.prepare)
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
     cfg.hydra.runtime.output_dir = str(output_dir or "/tmp/gunn-exp-compose")

@@ -9,18 +9,16 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_train
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from gunn_exp.models import Gunn, GunnUnit, create_model, list_models
 from gunn_exp.models.resnet_cifar import ResNetCifar
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 # The generic builder needs an architecture; every other name is complete on its own.
 EXTRA = {"gunn": {"widths": (8, 12), "segments": (2, 3), "head_width": 16}}
 
@@ -215,8 +213,8 @@ CHEAP = {"gunn15", "sunn15", "gunn_mini", "sunn_mini", "custom_gunn"}
 def test_hydra_config_builds_the_model(name: str) -> None:
     """conf/model/<name>.yaml exists for every registered model, names it and passes valid
     options; the cheap ones are built (the big ones' builders are covered above)."""
-    data = {"num_classes": 100, "in_chans": 3}
-    cfg = OmegaConf.merge({"data": data}, {"model": OmegaConf.load(CONF / f"{name}.yaml")})
+    # Composed by Hydra: the model files share conf/model/base/registry.yaml through `defaults`.
+    cfg = compose_train(f"model={name}", "data=cifar100")  # 100 classes, 3 channels
     assert cfg.model.name == ("gunn" if name == "custom_gunn" else name)
     assert cfg.model.get("update", "simultaneous" if "sunn" in name else "gradual") == (
         "simultaneous" if "sunn" in name else "gradual"

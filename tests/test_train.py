@@ -52,9 +52,8 @@ def test_results_do_not_depend_on_the_callbacks(tmp_path: Path) -> None:
     """callbacks=none (no EpochSummary, no ModelCheckpoint) still reports the best validation
     error: the module tracks it (val/err1_best), and the sweeper's objective is that metric."""
     cfg = compose_train(
-        "experiment=digits", *TINY, "callbacks=none", "logger=none", "print_config=false",
-        output_dir=tmp_path,
-    )  # fmt: skip
+        "experiment=digits", *TINY, "callbacks=none", "print_config=false", output_dir=tmp_path
+    )
     results = train(cfg)
     assert cfg.optimized_metric == "val/err1_best"
     best, final = results["best_val_err1"], results["final_val_err1"]
@@ -64,30 +63,22 @@ def test_results_do_not_depend_on_the_callbacks(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["best_val_err1"] == best
 
 
-def test_seeded_cpu_runs_are_reproducible(run_train, tmp_path: Path) -> None:
-    _, a = run_train("experiment=digits", *TINY, "seed=3", run_dir=tmp_path / "a")
-    _, b = run_train("experiment=digits", *TINY, "seed=3", run_dir=tmp_path / "b")
+def train_here(run_dir: Path, *overrides: str) -> dict:
+    """train(cfg) in this process (the entry point itself is tested above): its results."""
+    return train(compose_train(*overrides, "print_config=false", output_dir=run_dir))
+
+
+def test_seeded_cpu_runs_are_reproducible(tmp_path: Path) -> None:
+    train_here(tmp_path / "a", "experiment=digits", *TINY, "seed=3")
+    train_here(tmp_path / "b", "experiment=digits", *TINY, "seed=3")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
-    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
 
 
-def test_cifar_format_folder_trains(run_train, cifar_root: Path) -> None:
-    _, run_dir = run_train(
-        "model=gunn_mini",
-        *cifar10_overrides(cifar_root),
-        *TINY,
-    )
-    results = json.loads((run_dir / "results.json").read_text())
+def test_cifar_format_folder_trains(tmp_path: Path, cifar_root: Path) -> None:
+    # data.on_device=true (the GPU fast path) is trained, stopped and resumed in test_resume.
+    results = train_here(tmp_path, "model=gunn_mini", *cifar10_overrides(cifar_root), *TINY)
     assert results["data"] == "cifar10" and results["epochs"] == 2
-
-
-def test_cifar_on_device_loader_trains(run_train, cifar_root: Path) -> None:
-    # The GPU fast path (data kept and augmented on the device) runs the same way on the CPU.
-    _, run_dir = run_train(
-        "model=gunn_mini", *cifar10_overrides(cifar_root), "data.on_device=true", *TINY
-    )
-    rows = read_metrics(run_dir)
-    assert len(rows) == 2 and all(float(r["train/loss"]) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("data", ["cifar10", "cifar100", "imagenet"])
