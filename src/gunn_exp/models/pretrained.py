@@ -1,0 +1,118 @@
+"""Pretrained configs (timm's `pretrained_cfg`) and loading plain weights into a model.
+
+A pretrained cfg says what a model expects and where its weights are, in timm's field names:
+`input_size`, `pool_size` (the final feature map at `input_size`), `mean`/`std`, `interpolation`,
+`crop_pct`, `first_conv`, `classifier`, `num_classes`, and a weight source (`file`, `state_dict`,
+or `source="local-dir"` with `file` a folder). `timm.data.resolve_data_config` reads it, so a CIFAR
+model gets 32x32 CIFAR preprocessing and an ImageNet model 224x224 ImageNet preprocessing.
+
+No weights are published for these models: pretrained=True needs a source given by the caller
+(`pretrained_cfg_overlay=dict(file=...)`), typically what `export.py --format safetensors` wrote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gunn_exp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, cifar_stats
+
+# Weight files looked for in a folder, in this order (the Hugging Face layout's names).
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def cifar_cfg(dataset: str = "cifar10", pool_size: tuple[int, int] | None = (8, 8)) -> dict:
+    """CIFAR-10/100 at 32x32: no resize or crop, the dataset's mean/std."""
+    mean, std = cifar_stats(dataset)
+    return {
+        "num_classes": 10 if dataset == "cifar10" else 100,
+        "input_size": (3, 32, 32),
+        "pool_size": pool_size,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": mean,
+        "std": std,
+        "first_conv": "stem.0",
+        "classifier": "fc",
+    }
+
+
+def imagenet_cfg(pool_size: tuple[int, int] | None = (7, 7)) -> dict:
+    """ImageNet-1k at 224x224: resize the shorter side to 256 (crop 0.875) with bicubic
+    interpolation, as the authors' transforms.lua, centre crop, ImageNet mean/std."""
+    return {
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": pool_size,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "first_conv": "stem.0",
+        "classifier": "fc",
+    }
+
+
+def as_dict(cfg: Any) -> dict:
+    """A pretrained cfg given as a dict or as timm's PretrainedCfg dataclass, as a new dict."""
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Plain weights from a .safetensors file, a torch file of tensors, or a folder holding one
+    of `WEIGHT_FILES` (what export.py and save_pretrained write)."""
+    path = Path(path)
+    if path.is_dir():
+        found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no weight file ({', '.join(WEIGHT_FILES)}) in it.")
+        path = found
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights {path} do not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix == ".ckpt":
+        raise ValueError(
+            f"{path} is a training checkpoint; export its plain weights first: "
+            f"python export.py <run> --format safetensors."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_pretrained(model: nn.Module, cfg: dict, name: str) -> None:
+    """Load the weights `cfg` points to into `model`, timm's way: a classifier of another
+    class count is left freshly initialised, every other tensor must match."""
+    if cfg.get("state_dict") is not None:
+        state = dict(cfg["state_dict"])
+    elif cfg.get("file"):
+        state = read_state_dict(cfg["file"])
+    else:
+        raise ValueError(
+            f"{name}: pretrained=True but no weights are published for it; pass "
+            f"pretrained_cfg_overlay=dict(file='<model.safetensors or export folder>')."
+        )
+    head = f"{cfg.get('classifier') or 'fc'}."
+    fresh_head = getattr(model, "num_classes", None) != cfg.get("num_classes")
+    if fresh_head:  # another class count (or none): keep the model's own classifier
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+    first = cfg.get("first_conv")
+    if first and f"{first}.weight" in state:
+        got, want = state[f"{first}.weight"].shape, model.get_submodule(first).weight.shape
+        if got != want:
+            raise ValueError(
+                f"{name}: the weights' first conv {first} has {got[1]} input channels, the model "
+                f"{want[1]}; build with in_chans={got[1]} (timm.create_model adapts it for you)."
+            )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (fresh_head and k.startswith(head))]
+    if missing or unexpected:
+        raise ValueError(
+            f"{name}: the pretrained weights do not fit: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all); they were saved "
+            f"from another architecture."
+        )
