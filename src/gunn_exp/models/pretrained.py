@@ -18,15 +18,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gunn_exp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, cifar_stats
-
+# The data modules' normalisation (gunn_exp.data.transforms; a test keeps them equal), repeated
+# here so that building a model does not import the training stack.
+CIFAR_STATS = {  # 0-255 scale, as in the authors' code
+    "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
+    "cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
+}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # Weight files looked for in a folder, in this order (the Hugging Face layout's names).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def cifar_cfg(dataset: str = "cifar10", pool_size: tuple[int, int] | None = (8, 8)) -> dict:
     """CIFAR-10/100 at 32x32: no resize or crop, the dataset's mean/std."""
-    mean, std = cifar_stats(dataset)
+    mean, std = (tuple(v / 255 for v in stat) for stat in CIFAR_STATS[dataset])
     return {
         "num_classes": 10 if dataset == "cifar10" else 100,
         "input_size": (3, 32, 32),
