@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from timm.layers import register_notrace_module
 from timm.models import (
     build_model_with_cfg,
@@ -45,16 +46,28 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+# Options timm's builder consumes itself (the rest reach the model's constructor).
+FEATURE_OPTIONS = ("features_only", "out_indices", "feature_cls", "pretrained_cfg",
+                   "pretrained_cfg_overlay", "cache_dir", "pretrained_model_args")  # fmt: skip
+
+
 def _entrypoint(name: str) -> Any:
     """timm entrypoint for gunn-exp model `name`: timm's builder around our architecture."""
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        feature_cfg = {"feature_cls": "getter"}  # FeatureGetterNet over forward_intermediates
+        if kwargs.get("features_only") and kwargs.get("out_indices") is None:
+            # All taps by default; their number depends on the architecture options, so count
+            # them on a model without storage.
+            options = {k: v for k, v in kwargs.items() if k not in FEATURE_OPTIONS}
+            with torch.device("meta"):
+                taps = len(build_architecture(name, **options).feature_info)
+            feature_cfg["out_indices"] = tuple(range(taps))
         return build_model_with_cfg(
             functools.partial(build_architecture, name),
             name,
             pretrained,
-            # features_only: FeatureGetterNet over forward_intermediates, all taps by default.
-            feature_cfg={"feature_cls": "getter", "out_indices": None},
+            feature_cfg=feature_cfg,
             **kwargs,
         )
 

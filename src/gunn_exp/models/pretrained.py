@@ -91,8 +91,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def load_pretrained(model: nn.Module, cfg: dict, name: str) -> None:
-    """Load the weights `cfg` points to into `model`, timm's way: a classifier of another
-    class count is left freshly initialised, every other tensor must match."""
+    """Load the weights `cfg` points to into `model`. As with `init_from`, a classifier of
+    another shape (class count) stays freshly initialised; every other tensor must match."""
     if cfg.get("state_dict") is not None:
         state = dict(cfg["state_dict"])
     elif cfg.get("file"):
@@ -102,23 +102,30 @@ def load_pretrained(model: nn.Module, cfg: dict, name: str) -> None:
             f"{name}: pretrained=True but no weights are published for it; pass "
             f"pretrained_cfg_overlay=dict(file='<model.safetensors or export folder>')."
         )
+    own = model.state_dict()
     head = f"{cfg.get('classifier') or 'fc'}."
-    fresh_head = getattr(model, "num_classes", None) != cfg.get("num_classes")
-    if fresh_head:  # another class count (or none): keep the model's own classifier
-        state = {k: v for k, v in state.items() if not k.startswith(head)}
-    first = cfg.get("first_conv")
-    if first and f"{first}.weight" in state:
-        got, want = state[f"{first}.weight"].shape, model.get_submodule(first).weight.shape
-        if got != want:
-            raise ValueError(
-                f"{name}: the weights' first conv {first} has {got[1]} input channels, the model "
-                f"{want[1]}; build with in_chans={got[1]} (timm.create_model adapts it for you)."
-            )
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (fresh_head and k.startswith(head))]
-    if missing or unexpected:
+    fresh = {
+        k for k in own if k.startswith(head) and (k not in state or state[k].shape != own[k].shape)
+    }
+    state = {
+        k: v
+        for k, v in state.items()
+        if k not in fresh and not (k.startswith(head) and k not in own)
+    }
+    first = f"{cfg.get('first_conv')}.weight"
+    if first in state and first in own and state[first].shape[1] != own[first].shape[1]:
         raise ValueError(
-            f"{name}: the pretrained weights do not fit: missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all); they were saved "
-            f"from another architecture."
+            f"{name}: the weights' first conv {first} has {state[first].shape[1]} input channels, "
+            f"the model {own[first].shape[1]}; build with in_chans={state[first].shape[1]} "
+            f"(timm.create_model adapts it for you)."
         )
+    missing = [k for k in own if k not in state and k not in fresh]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{name}: the pretrained weights do not fit the model: {len(shapes)} of another shape "
+            f"{shapes[:3]}, {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}; they were saved from another architecture."
+        )
+    model.load_state_dict(state, strict=False)
