@@ -21,6 +21,7 @@ from gunn_exp.export import export_run
 from gunn_exp.inference import load_run
 from gunn_exp.models import create_model
 from gunn_exp.preprocessing import Preprocessing
+from gunn_exp.weights import init_from_checkpoint
 
 ATOL = 1e-4
 # torch.jit.load warns that TorchScript is deprecated; loading it is what this test is about.
@@ -149,3 +150,14 @@ def test_safetensors_export_loads_in_timm(plain_weights: tuple[Path, Path], tmp_
             torch.testing.assert_close(model(x), run.model(x), rtol=0, atol=0)
     data = timm.data.resolve_data_config({}, model=from_folder)
     assert data["input_size"] == (3, 16, 16) and data["crop_pct"] == 1.0
+
+
+def test_fine_tuning_starts_from_plain_weights(plain_weights: tuple[Path, Path]) -> None:
+    run_dir, out = plain_weights
+    run = load_run(run_dir)
+    for source in (out / "model.safetensors", out):  # the file, or the export folder
+        model = create_model(run.model_name, num_classes=3, in_chans=3)
+        assert init_from_checkpoint(model, source, run.model_name) == ["fc.bias", "fc.weight"]
+        for key, value in run.model.state_dict().items():
+            if not key.startswith("fc."):
+                torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)

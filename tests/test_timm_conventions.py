@@ -184,6 +184,18 @@ def test_torch_export(name: str) -> None:
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_torch_export_every_impl(impl: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("gunn_mini", impl=impl).train()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+        model.eval()
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_round_trip_across_impls(
     registered: tuple[str, nn.Module], tmp_path: Path
 ) -> None:

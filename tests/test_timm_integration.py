@@ -186,7 +186,7 @@ def test_timms_benchmark_script(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         gunn_timm.main([os.environ["TIMM_BENCHMARK"], "--model", "gunn_mini", "--device", "cpu",
                         "--bench", "both", "-b", "2", "--num-warm-iter", "1",
-                        "--num-bench-iter", "2"])  # fmt: skip
+                        "--num-bench-iter", "5"])  # fmt: skip
     finally:
         sys.argv = argv
     assert "gunn_mini" in capsys.readouterr().out

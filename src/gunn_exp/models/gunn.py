@@ -87,9 +87,8 @@ def take_indices(num_taps: int, indices: int | Sequence[int] | None) -> tuple[li
             raise ValueError(f"indices={indices}: take the last 1..{num_taps} feature taps.")
         taken = list(range(num_taps - indices, num_taps))
     else:
-        taken = [i + num_taps if i < 0 else i for i in indices]
-        bad = [i for i, t in zip(indices, taken, strict=True) if not 0 <= t < num_taps]
-        if bad or not taken:
+        taken = sorted(i + num_taps if i < 0 else i for i in indices)
+        if not taken or not 0 <= taken[0] <= taken[-1] < num_taps:
             raise ValueError(
                 f"indices={list(indices)}: feature taps are numbered 0..{num_taps - 1} "
                 f"(or -{num_taps}..-1)."
@@ -146,12 +145,12 @@ class ImageClassifier(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one (0: none, return the features);
         `global_pool` ("avg", "max", "": none) replaces the pooling too when given."""
-        if global_pool is not None:
-            self.global_pool = GlobalPool(global_pool)
-        if self.global_pool.pool_type == "" and num_classes > 0:
+        pool = self.global_pool if global_pool is None else GlobalPool(global_pool)
+        if pool.pool_type == "" and num_classes > 0:
             raise ValueError(
                 f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}."
             )
+        self.global_pool = pool
         self.num_classes = num_classes
         self.fc: nn.Module = nn.Identity()
         if num_classes > 0:
