@@ -158,6 +158,6 @@ def test_fine_tuning_starts_from_plain_weights(plain_weights: tuple[Path, Path])
     for source in (out / "model.safetensors", out):  # the file, or the export folder
         model = create_model(run.model_name, num_classes=3, in_chans=3)
         assert init_from_checkpoint(model, source, run.model_name) == ["fc.bias", "fc.weight"]
-        for key, value in run.model.state_dict().items():
-            if not key.startswith("fc."):
-                torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+        tuned, trained = model.state_dict(), run.model.state_dict()
+        for key in (k for k in trained if not k.startswith("fc.")):
+            torch.testing.assert_close(tuned[key], trained[key], rtol=0, atol=0, msg=key)

@@ -199,42 +199,61 @@ def test_torch_export_every_impl(impl: str) -> None:
 def test_state_dict_round_trip_across_impls(
     registered: tuple[str, nn.Module], tmp_path: Path
 ) -> None:
-    """Weights saved from a model load (as plain safetensors, through pretrained=True) into one
-    using any other implementation, which then computes the same function in train and eval
-    mode. The big models check the default implementation against `reference` only."""
+    """Weights saved as plain safetensors from a model load, through pretrained=True, into the
+    same architecture built with another implementation, tensor for tensor."""
     name, model = registered
-    model = copy.deepcopy(model).train()
+    file = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(file))
+    is_gunn = any(isinstance(m, GunnLayer) for m in model.modules())
+    loaded = create_model(
+        name,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(file)},
+        **EXTRA.get(name, {}),
+        **({"impl": "reference"} if is_gunn else {}),
+    )
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in CHEAP else pytest.param(n, marks=pytest.mark.slow)
+        for n in list_models()
+        if n != "resnet18_cifar"
+    ],
+)
+def test_same_function_across_impls(name: str) -> None:
+    """Trained-like weights (running statistics from a batch) give the same outputs under every
+    implementation, in train and eval mode. The big models: the default against `reference`."""
+    torch.manual_seed(0)
+    model = create_model(name, **EXTRA.get(name, {})).train()
     # ImageNet stem at 64x64: a 1x1 last stage would leave train-mode BatchNorm two values per
     # channel, whose normalisation turns rounding differences into O(1) ones.
     x = tiny_batch(model, imagenet_size=64)
     with torch.no_grad():
-        model(x)  # running statistics worth saving
-    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
-    loaded = create_model(
-        name,
-        pretrained=True,
-        pretrained_cfg_overlay={"file": str(tmp_path / "model.safetensors")},
-        **EXTRA.get(name, {}),
-    )
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    if not any(isinstance(m, GunnLayer) for m in model.modules()):
-        return
-    impls = sorted(IMPLEMENTATIONS) if name in CHEAP else [DEFAULT_IMPL]
+        model(x)
     saved = copy.deepcopy(model.state_dict())
-    set_impl(model, "reference")
+    impls = sorted(IMPLEMENTATIONS) if name in CHEAP else [DEFAULT_IMPL]
     for mode in (True, False):  # a train-mode forward moves the running statistics: reload
-        model.load_state_dict(saved)
-        with torch.no_grad():
-            expected = model.train(mode)(x)
-        for impl in impls:
-            set_impl(loaded, impl)
-            loaded.load_state_dict(saved)
+        outputs = {}
+        for impl in ["reference", *impls]:
+            set_impl(model, impl)
+            model.load_state_dict(saved)
             with torch.no_grad():
-                out = loaded.train(mode)(x)
-            # A fresh GUNN's eval logits can be huge (README), hence a relative tolerance.
-            scale = expected.abs().max().item()
-            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5 * scale, msg=impl)
+                outputs[impl] = model.train(mode)(x)
+        # A fresh GUNN's eval logits can be huge (README), hence a relative tolerance.
+        scale = outputs["reference"].abs().max().item()
+        for impl in impls:
+            torch.testing.assert_close(
+                outputs[impl], outputs["reference"], rtol=1e-4, atol=1e-5 * scale, msg=impl
+            )
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
 
 def set_impl(model: nn.Module, impl: str) -> None:
@@ -273,8 +292,8 @@ def test_pretrained_weights_with_a_new_head_or_channels(tmp_path: Path) -> None:
     )
     assert tuned.fc.out_features == 3 and not tuned.fc.bias.any()  # fresh classifier
     backbone = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
-    for key, value in backbone.items():
-        torch.testing.assert_close(tuned.state_dict()[key], value, rtol=0, atol=0)
+    tuned_state = tuned.state_dict()
+    assert_same_tensors({k: tuned_state[k] for k in backbone}, backbone)
     with pytest.raises(ValueError, match="stem.0.weight has 3 input channels, the model 1"):
         create_model("gunn_mini", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1)
     with pytest.raises(ValueError, match="do not fit the model: .* of another shape"):

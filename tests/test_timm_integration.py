@@ -101,16 +101,14 @@ def test_timm_pretrained_loading_and_load_checkpoint(tmp_path: Path) -> None:
     grey = timm.create_model(
         "gunn_mini", pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1, num_classes=4
     )
-    for key, value in source.state_dict().items():
-        torch.testing.assert_close(same.state_dict()[key], value, rtol=0, atol=0)
+    torch.testing.assert_close(same.state_dict(), source.state_dict(), rtol=0, atol=0)
     assert grey.stem[0].weight.shape[1] == 1 and grey.fc.out_features == 4  # timm adapted them
     # timm's load_checkpoint: the safetensors file, and a torch file of the state dict.
     torch.save(source.state_dict(), tmp_path / "model.pth")
     for path in (file, tmp_path / "model.pth"):
         target = timm.create_model("gunn_mini")
         load_checkpoint(target, str(path))
-        for key, value in source.state_dict().items():
-            torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(target.state_dict(), source.state_dict(), rtol=0, atol=0)
 
 
 def test_timm_optimizer_and_ema_train_a_step() -> None:

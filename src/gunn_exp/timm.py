@@ -40,10 +40,8 @@ from gunn_exp.models import GunnLayer, list_models
 from gunn_exp.models.registry import build_architecture, pretrained_cfgs
 
 # timm's register_model reads the pretrained cfgs of an entrypoint from its module's
-# `default_cfgs`, keyed "arch.tag".
-default_cfgs = generate_default_cfgs(
-    {f"{name}.{tag}": cfg for name in list_models() for tag, cfg in pretrained_cfgs(name).items()}
-)
+# `default_cfgs` (arch -> its cfgs by tag); register_with_timm fills it.
+default_cfgs: dict[str, Any] = {}
 
 
 # Options timm's builder consumes itself (the rest reach the model's constructor).
@@ -79,13 +77,15 @@ def _entrypoint(name: str) -> Any:
 
 
 def register_with_timm() -> list[str]:
-    """Register every gunn-exp model with timm (once; later calls change nothing). Returns the
-    names registered now."""
+    """Register every gunn-exp model with timm (at import; call again after registering models
+    of your own: already registered ones are left alone). Returns the names registered now."""
     register_notrace_module(GunnLayer)
     added = []
     for name in list_models():
         if is_model(name) and getattr(model_entrypoint(name), "gunn_exp", False):
             continue
+        cfgs = {f"{name}.{tag}" if tag else name: cfg for tag, cfg in pretrained_cfgs(name).items()}
+        default_cfgs.update(generate_default_cfgs(cfgs))
         timm_register_model(_entrypoint(name))
         added.append(name)
     return added
