@@ -1,8 +1,10 @@
-"""Export a trained run: `python export.py <run_dir|ckpt> [--out DIR] [--format torchscript onnx]`.
+"""Export a trained run: `python export.py <run_dir|ckpt> [--out DIR] [--format FORMAT ...]`.
 
-Writes model.ts (TorchScript) and model.onnx (dynamic batch) with preprocessing.json and
-classes.json beside them, into <run_dir>/export/ by default, then checks that each file gives the
-eager model's logits on CPU (exit status 1 if one differs by more than --atol).
+Formats: torchscript (model.ts), onnx (model.onnx, dynamic batch), safetensors (model.safetensors
+plus config.json: plain weights for PyTorch, timm and the Hugging Face layout). Default: the first
+two. preprocessing.json and classes.json go beside them, into <run_dir>/export/ by default; then
+each file is checked to give the eager model's logits on CPU (exit status 1 if one differs by more
+than --atol).
 argparse, not Hydra: a one-off tool on a finished run, not an experiment.
 """
 
@@ -11,7 +13,7 @@ import sys
 from pathlib import Path
 
 from gunn_exp import cli, rundir
-from gunn_exp.inference.export import example_input, export_run, max_differences
+from gunn_exp.inference.export import FORMATS, example_input, export_run, max_differences
 from gunn_exp.inference.run import load_run
 
 
@@ -20,9 +22,7 @@ def main() -> int:
     parser.add_argument("run", help="run directory, or a checkpoint inside one")
     parser.add_argument("--ckpt", default="best", help="best | last | <path>")
     parser.add_argument("--out", type=Path, help="output folder (default: <run_dir>/export)")
-    parser.add_argument(
-        "--format", nargs="+", choices=["torchscript", "onnx"], default=["torchscript", "onnx"]
-    )
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=["torchscript", "onnx"])
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
     cli.prepare(__file__, log_info=True)

@@ -1,4 +1,5 @@
-"""export.py: the TorchScript and ONNX files give the trained model's outputs on CPU."""
+"""export.py: the TorchScript and ONNX files give the trained model's outputs on CPU; the plain
+weights (safetensors + config.json) load in gunn-exp and timm."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import run_entry
 from PIL import Image
+from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from test_inference import digits_run_dir
 
@@ -18,6 +20,8 @@ import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN imp
 from gunn_exp.inference.export import export_run
 from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.run import load_run
+from gunn_exp.inference.weights import init_from_checkpoint
+from gunn_exp.models import create_model
 
 ATOL = 1e-4
 # torch.jit.load warns that TorchScript is deprecated; loading it is what this test is about.
@@ -89,3 +93,71 @@ def test_a_model_with_a_memory_light_gunn_implementation_exports(
     with torch.no_grad():
         scripted = torch.jit.load(str(tmp_path / "export" / "model.ts"))(x)
     torch.testing.assert_close(scripted, expected, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def plain_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run directory, folder) of `export.py --format safetensors` on the digits run."""
+    run_dir = digits_run_dir(tmp_path_factory)
+    out = tmp_path_factory.mktemp("plain")
+    proc = run_entry("export.py", str(run_dir), "--out", str(out), "--format", "safetensors")
+    assert "model.safetensors: max |logit difference|" in proc.stdout
+    return run_dir, out
+
+
+def test_safetensors_export_is_plain_weights_with_a_timm_config(
+    plain_weights: tuple[Path, Path], tmp_path: Path
+) -> None:
+    run_dir, out = plain_weights
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "preprocessing.json",
+        "classes.json",
+    }
+    run = load_run(run_dir)
+    state = load_file(str(out / "model.safetensors"))
+    assert state.keys() == run.model.state_dict().keys()  # no `model.` prefix
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == run.model_name
+    cfg = config["pretrained_cfg"]
+    pre = Preprocessing.read(out)
+    assert cfg["input_size"] == [pre.in_chans, pre.crop, pre.crop]
+    assert cfg["label_names"] == run.classes and cfg["num_classes"] == 10
+    assert cfg["mean"] == list(pre.mean) * pre.in_chans  # grey digits: one value per channel
+    model = create_model(
+        config["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(out / "model.safetensors")},
+        **config["model_args"],
+    ).eval()
+    x = digit_batch(pre, 3, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), run.model(x), rtol=0, atol=0)
+
+
+def test_safetensors_export_loads_in_timm(plain_weights: tuple[Path, Path], tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("gunn_exp.timm")
+    run_dir, out = plain_weights
+    run = load_run(run_dir)
+    x = digit_batch(Preprocessing.read(out), 2, tmp_path)
+    from_folder = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    built = timm.create_model(run.model_name, in_chans=3).eval()
+    timm.models.load_checkpoint(built, str(out / "model.safetensors"))
+    with torch.no_grad():
+        for model in (from_folder, built):
+            torch.testing.assert_close(model(x), run.model(x), rtol=0, atol=0)
+    data = timm.data.resolve_data_config({}, model=from_folder)
+    assert data["input_size"] == (3, 16, 16) and data["crop_pct"] == 1.0
+
+
+def test_fine_tuning_starts_from_plain_weights(plain_weights: tuple[Path, Path]) -> None:
+    run_dir, out = plain_weights
+    run = load_run(run_dir)
+    for source in (out / "model.safetensors", out):  # the file, or the export folder
+        model = create_model(run.model_name, num_classes=3, in_chans=3)
+        assert init_from_checkpoint(model, source, run.model_name) == ["fc.bias", "fc.weight"]
+        tuned, trained = model.state_dict(), run.model.state_dict()
+        for key in (k for k in trained if not k.startswith("fc.")):
+            torch.testing.assert_close(tuned[key], trained[key], rtol=0, atol=0, msg=key)

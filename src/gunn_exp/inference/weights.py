@@ -2,6 +2,9 @@
 classifier (fine-tuning), refusing with the differing tensors named when the architectures do not
 match.
 
+Fine-tuning also starts from plain weights: a .safetensors file or an export folder
+(export.py --format safetensors).
+
 `load_state_dict`'s own error is a wall of key names; these messages say which model was expected,
 what differs (first few tensors with both shapes) and what to do about it.
 """
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gunn_exp.errors import CheckpointError
+from gunn_exp.models.pretrained import read_state_dict
 from gunn_exp.rundir import run_model_name
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,13 @@ def classifier_keys(model: nn.Module) -> set[str]:
     return {f"fc.{k}" for k in model.fc.state_dict()}
 
 
+def _network_state(path: str | Path) -> dict[str, Tensor]:
+    """The network's tensors of a training checkpoint, a .safetensors file or an export folder."""
+    if Path(path).suffix == ".safetensors" or Path(path).is_dir():
+        return read_state_dict(path)
+    return model_state(load_checkpoint(path), path)
+
+
 def load_weights(model: nn.Module, path: str | Path, model_name: str) -> dict[str, Any]:
     """Load every tensor of checkpoint `path` into `model`, or refuse naming what differs.
 
@@ -143,8 +154,7 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
     The classifier is kept when it has the same shape (same number of classes) and left freshly
     initialised otherwise; every other tensor must match. Returns the re-initialised keys.
     """
-    ckpt = load_checkpoint(path)
-    state = model_state(ckpt, path)
+    state = _network_state(path)
     head = classifier_keys(model)
     diff = StateDiff.between(model, state)
     backbone = diff.without(head)

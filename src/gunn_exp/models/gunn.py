@@ -4,17 +4,21 @@ The constructor's arguments are the architecture (as in torchvision's resnet.py)
 is one call with different numbers, and a new GUNN is defined by choosing new numbers (in Python or
 in a Hydra YAML through the registry's generic `gunn` builder).
 
-The model API follows timm so that training, evaluation and benchmark code treat every model alike:
-`forward_features` (unpooled feature map), `forward_head`, `reset_classifier`, `num_features`,
-`num_classes`.
+The model API is timm's (see `ImageClassifier`), so training, evaluation and benchmark code, and
+timm itself (`gunn_exp.timm`), treat every model alike.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from gunn_exp.models.layer import GunnLayer, GunnUnit
 
@@ -51,34 +55,136 @@ def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
             m.reset_parameters(zero_init_last=zero_init_last)
 
 
-class ImageClassifier(nn.Module):
-    """Shared head and timm-style API: subclasses build a trunk and define `forward_features`.
+class GlobalPool(nn.Module):
+    """Global pooling to one vector per image ("avg", "max"), or none ("": the feature map).
 
-    `_build_head` adds global average pooling (adaptive, so any input size works), dropout and a
-    Linear classifier; `num_features` is the width the trunk ends with.
+    `pool_type` is where timm reads a model's pooling (save_for_hf, reset_classifier).
     """
 
+    TYPES = ("avg", "max", "")
+
+    def __init__(self, pool_type: str = "avg") -> None:
+        super().__init__()
+        if pool_type not in self.TYPES:
+            raise ValueError(
+                f"global_pool={pool_type!r} is not supported; choose one of {self.TYPES}."
+            )
+        self.pool_type = pool_type
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool_type == "avg":
+            return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.pool_type == "max":
+            return F.adaptive_max_pool2d(x, 1).flatten(1)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}"
+
+
+def take_indices(num_taps: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's tap selection: None all taps, an int the last n, a sequence those (negative from
+    the end). Returns (sorted absolute indices, largest index)."""
+    if indices is None:
+        indices = num_taps
+    if isinstance(indices, int):
+        if not 0 < indices <= num_taps:
+            raise ValueError(f"indices={indices}: take the last 1..{num_taps} feature taps.")
+        taken = list(range(num_taps - indices, num_taps))
+    else:
+        taken = sorted(i + num_taps if i < 0 else i for i in indices)
+        if not taken or not 0 <= taken[0] <= taken[-1] < num_taps:
+            raise ValueError(
+                f"indices={list(indices)}: feature taps are numbered 0..{num_taps - 1} "
+                f"(or -{num_taps}..-1)."
+            )
+    return taken, max(taken)
+
+
+def _tap_split(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(body, tail) of a block: a trailing pooling layer is the tail, so a feature tap sees the
+    block's full-resolution output (ImageNet stem before its max pool, ImageNet-layout stages
+    before their closing AvgPool)."""
+    pools = (nn.AvgPool2d, nn.MaxPool2d)
+    if isinstance(block, nn.Sequential) and len(block) > 1 and isinstance(block[-1], pools):
+        return block[:-1], block[-1]
+    return block, nn.Identity()
+
+
+def _tap_name(name: str, block: nn.Module) -> str:
+    """Qualified name of the module whose output a block's feature tap is (see `_tap_split`)."""
+    _, tail = _tap_split(block)
+    return name if isinstance(tail, nn.Identity) else f"{name}.{list(block._modules)[-2]}"
+
+
+class ImageClassifier(nn.Module):
+    """Shared head and the timm model API; subclasses build `stem`, `stages` and `head`.
+
+    Layout: stem -> stages -> head (a final conv, or Identity) -> global pool -> dropout -> fc.
+    API (timm's names and signatures): `forward_features` (unpooled feature map),
+    `forward_head`, `get_classifier`, `reset_classifier(num_classes, global_pool)`,
+    `feature_info` (one tap after the stem and one per stage, see `_tap_split`),
+    `forward_intermediates`, `prune_intermediate_layers`, `set_grad_checkpointing`,
+    `group_matcher`, `num_features`, `num_classes`.
+    """
+
+    stem: nn.Module
+    stages: nn.Sequential
+    head: nn.Module
     num_features: int
     num_classes: int
+    feature_info: list[dict[str, Any]]
 
-    def _build_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+    def _build_head(
+        self, num_features: int, num_classes: int, drop_rate: float, global_pool: str = "avg"
+    ) -> None:
         self.num_features = num_features
         self.drop_rate = drop_rate
-        self.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.grad_checkpointing = False
         self.drop = nn.Dropout(drop_rate)
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier by a freshly initialised one (0: none, return the features)."""
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a freshly initialised one (0: none, return the features);
+        `global_pool` ("avg", "max", "": none) replaces the pooling too when given."""
+        pool = self.global_pool if global_pool is None else GlobalPool(global_pool)
+        if pool.pool_type == "" and num_classes > 0:
+            raise ValueError(
+                f"global_pool='' (no pooling) needs num_classes=0, got num_classes={num_classes}."
+            )
+        self.global_pool = pool
         self.num_classes = num_classes
         self.fc: nn.Module = nn.Identity()
         if num_classes > 0:
             self.fc = nn.Linear(self.num_features, num_classes)
             nn.init.zeros_(self.fc.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in backward instead of keeping its activations (training only).
+
+        Works with every GUNN implementation. As with any checkpointed BatchNorm, the recomputed
+        forward updates the running statistics a second time.
+        """
+        self.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise lr decay: the stem, then one per stage (the
+        head conv and classifier follow the last)."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
+
+    def _run_stages(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for stage in self.stages:
+                x = checkpoint(stage, x, use_reentrant=False)
+            return x
+        return self.stages(x)
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Image batch -> unpooled feature map with `num_features` channels."""
-        raise NotImplementedError
+        return self.head(self._run_stages(self.stem(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Feature map -> logits (or the pooled, dropped-out features when pre_logits)."""
@@ -87,6 +193,57 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The feature taps of `feature_info` (timm's signature; `norm` has nothing to apply:
+        the models have no final norm layer). Returns the taps, or (final feature map, taps)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r}: these models only produce 'NCHW'.")
+        taken, last = take_indices(len(self.feature_info), indices)
+        blocks = [self.stem, *self.stages]
+        if stop_early or intermediates_only:
+            blocks = blocks[: last + 1]
+        taps = []
+        for i, block in enumerate(blocks):
+            body, tail = _tap_split(block)
+            if self.grad_checkpointing and torch.is_grad_enabled() and i > 0:
+                x = checkpoint(body, x, use_reentrant=False)
+            else:
+                x = body(x)
+            if i in taken:
+                taps.append(x)
+            x = tail(x)
+        if intermediates_only:
+            return taps
+        return self.head(x), taps
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] | None = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last tap in `indices` (and the classifier when
+        `prune_head`, the head conv when `prune_norm` or stages were dropped); returns the
+        absolute tap indices, as timm's FeatureGetterNet expects."""
+        taken, last = take_indices(len(self.feature_info), indices)
+        pruned_end = last < len(self.feature_info) - 1
+        self.stages = self.stages[:last]
+        if pruned_end or prune_norm:
+            self.head = nn.Identity()  # sized for the last stage's width
+        if pruned_end:
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_head or pruned_end:
+            self.reset_classifier(0, "")
+        return taken
 
 
 class Gunn(ImageClassifier):
@@ -115,6 +272,12 @@ class Gunn(ImageClassifier):
         drop_rate: dropout probability before the classifier.
         zero_init_last: start every segment function G_i at 0 (gamma of its last BatchNorms 0),
             a deviation from the authors' init (all gammas 1), which stays the default.
+        global_pool: "avg" (the paper's), "max", or "" (no pooling; needs num_classes=0).
+
+    Feature taps (`feature_info`, `forward_intermediates`): the stem's output (the ImageNet stem
+    before its max pool, stride 2) and each stage's output; in the ImageNet layout a stage is
+    tapped after its GUNN layers, before its closing AvgPool, so the taps have strides 2, 4, 8,
+    16, 32 like torchvision's and timm's ResNets. Tap i > 0 is the output of stage i.
     """
 
     def __init__(
@@ -133,6 +296,7 @@ class Gunn(ImageClassifier):
         impl: str | None = None,
         drop_rate: float = 0.0,
         zero_init_last: bool = False,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
         # Hydra hands over ListConfigs; plain tuples keep repr, pickling and comparisons simple.
@@ -144,34 +308,43 @@ class Gunn(ImageClassifier):
             layers = tuple(int(n) for n in layers_per_stage)
         _check_architecture(widths, segments, layers, stem, pool)
 
+        self.in_chans = in_chans
         self.stem = _stem(stem, in_chans, stem_width)
         layer_kwargs = {} if impl is None else {"impl": impl}
         stages = []
         in_width = stem_width
+        # Feature taps: see the class docstring. `stride` is the input's reduction so far.
+        stride = 1 if stem == "cifar" else 2
+        self.feature_info = [
+            {"num_chs": stem_width, "reduction": stride, "module": _tap_name("stem", self.stem)}
+        ]
+        stride *= 1 if stem == "cifar" else 2  # the ImageNet stem's max pool
         for s, (width, k, n) in enumerate(zip(widths, segments, layers, strict=True)):
             parts: OrderedDict[str, nn.Module] = OrderedDict(
                 transition=conv_bn_relu(in_width, width)
             )
             if pool == "before" and s > 0:
                 parts["pool"] = nn.AvgPool2d(2)
+                stride *= 2
             for j in range(n):
                 parts[f"gunn{j + 1}"] = GunnLayer(width, k, projection, update, **layer_kwargs)
             if pool == "after" and s < len(widths) - 1:
                 parts["pool"] = nn.AvgPool2d(2)
-            stages.append(nn.Sequential(parts))
+            stage = nn.Sequential(parts)
+            self.feature_info.append(
+                {"num_chs": width, "reduction": stride, "module": _tap_name(f"stages.{s}", stage)}
+            )
+            stride *= 2 if "pool" in parts and pool == "after" else 1
+            stages.append(stage)
             in_width = width
         self.stages = nn.Sequential(*stages)
         self.head = nn.Identity() if head_width is None else conv_bn_relu(in_width, head_width)
-        self._build_head(head_width or in_width, num_classes, drop_rate)
+        self._build_head(head_width or in_width, num_classes, drop_rate, global_pool)
         init_weights(self, zero_init_last)
 
     def gunn_layers(self) -> Iterator[GunnLayer]:
         """The GUNN layers in forward order (for switching implementations, profiling, ...)."""
         return (m for m in self.modules() if isinstance(m, GunnLayer))
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Image batch -> unpooled feature map with `num_features` channels."""
-        return self.head(self.stages(self.stem(x)))
 
 
 def _stem(kind: str, in_chans: int, width: int) -> nn.Sequential:
@@ -209,4 +382,28 @@ def _check_architecture(
         raise ValueError(f"Gunn: pool={pool!r} is not one of {POOLS}.")
 
 
-__all__ = ["Gunn", "ImageClassifier", "conv_bn_relu", "init_weights"]
+class GunnTracer(torch.fx.Tracer):
+    """torch.fx tracer that keeps each `GunnLayer` as one call (a leaf): its update loop is
+    data-dependent Python and custom autograd Functions, which symbolic tracing cannot see into,
+    while everything around it traces as usual. timm's FX feature extraction gets the same rule
+    from `gunn_exp.timm`."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, GunnLayer) or super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """`torch.fx.symbolic_trace` with GUNN layers as leaves (see `GunnTracer`)."""
+    graph = GunnTracer().trace(model)
+    return torch.fx.GraphModule(model, graph, type(model).__name__)
+
+
+__all__ = [
+    "Gunn",
+    "GunnTracer",
+    "ImageClassifier",
+    "conv_bn_relu",
+    "GlobalPool",
+    "init_weights",
+    "symbolic_trace",
+]

@@ -43,9 +43,13 @@ class ResNetCifar(ImageClassifier):
         num_classes: int = 10,
         in_chans: int = 3,
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ) -> None:
         super().__init__()
+        self.in_chans = in_chans
         self.stem = conv_bn_relu(in_chans, widths[0], kernel=3)
+        # Feature taps: the stem's output, then each stage's (stride 1, 1, 2, 4, 8).
+        self.feature_info = [{"num_chs": widths[0], "reduction": 1, "module": "stem"}]
         stages = []
         in_width = widths[0]
         for s, (n, width) in enumerate(zip(blocks, widths, strict=True)):
@@ -55,10 +59,8 @@ class ResNetCifar(ImageClassifier):
                 stage.append(BasicBlock(in_width, width, stride))
                 in_width = width
             stages.append(nn.Sequential(*stage))
+            self.feature_info.append({"num_chs": width, "reduction": 2**s, "module": f"stages.{s}"})
         self.stages = nn.Sequential(*stages)
-        self._build_head(in_width, num_classes, drop_rate)
+        self.head = nn.Identity()
+        self._build_head(in_width, num_classes, drop_rate, global_pool)
         init_weights(self)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Image batch -> unpooled feature map with `num_features` channels."""
-        return self.stages(self.stem(x))
