@@ -58,10 +58,12 @@ def test_single_callbacks_compose_with_the_defaults(choice: str, expected: list[
 
 
 def test_default_callbacks_keep_best_checkpoint_by_val_error() -> None:
-    callbacks = callbacks_of(compose_train())
+    cfg = compose_train()
+    callbacks = callbacks_of(cfg)
     best = [c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    assert cfg.optimized_metric == "val/err1_best"  # the module's running minimum of val/err1
     assert len(best) == 1 and (best[0].monitor, best[0].mode, best[0].filename) == (
-        "val/err1",
+        cfg.optimized_metric,
         "min",
         "best",
     )
@@ -103,7 +105,8 @@ def test_many_loggers_are_read_back_by_their_libraries(run_train, tmp_path: Path
         "experiment=digits", "debug=tiny", "logger=many", f"paths.log_dir={logs}", timeout=600
     )
     epochs = json.loads((run_dir / "results.json").read_text())["epochs"]
-    assert epochs == 2 and (run_dir / "csv" / "metrics.csv").is_file()
+    assert epochs == 2 and len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + epochs
+    assert not (run_dir / "csv").exists()  # logger=csv is metrics.csv: no second, step-level CSV
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
@@ -145,11 +148,13 @@ def test_profiler_run_with_composed_callbacks(run_train) -> None:
     [
         ("tensorboard", ["TensorBoardLogger"]),
         ("mlflow", ["MLFlowLogger"]),
-        ("many", ["CSVLogger", "MLFlowLogger", "TensorBoardLogger"]),
-        ("[many,wandb]", ["CSVLogger", "MLFlowLogger", "TensorBoardLogger", "WandbLogger"]),
-        ("[csv,tensorboard]", ["CSVLogger", "TensorBoardLogger"]),
+        ("csv", []),  # metrics.csv is always written; no second CSV logger
+        ("many", ["MLFlowLogger", "TensorBoardLogger"]),
+        ("[many,wandb]", ["MLFlowLogger", "TensorBoardLogger", "WandbLogger"]),
+        ("[csv,tensorboard]", ["TensorBoardLogger"]),
     ],
 )
 def test_logger_configs_compose(choice: str, expected: list[str], tmp_path: Path) -> None:
     cfg = compose_train(f"logger={choice}", f"paths.log_dir={tmp_path}")  # MLflow's store
-    assert type_names([instantiate(conf) for conf in cfg.logger.values()]) == expected
+    loggers = cfg.logger or {}  # logger=csv composes to no logger at all
+    assert type_names([instantiate(conf) for conf in loggers.values()]) == expected
