@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import RUN_ENV
+from conftest import RUN_ENV, quiet_trainer
 from signal_at import SignalAt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -167,15 +167,8 @@ class Tiny(pl.LightningModule):
 
 def fit(module: pl.LightningModule, root: Path, callbacks: list[pl.Callback]) -> pl.Trainer:
     data = DataLoader(TensorDataset(torch.randn(40, 4), torch.randn(40, 1)), batch_size=4)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        default_root_dir=root,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
+    trainer = quiet_trainer(
+        max_epochs=2, default_root_dir=root, enable_checkpointing=False, callbacks=callbacks
     )
     trainer.fit(module, data)
     return trainer

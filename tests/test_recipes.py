@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from conftest import compose_train
+from conftest import compose_train, quiet_trainer
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
@@ -418,13 +417,7 @@ def test_ten_crop_evaluation_gives_5d_batches_the_module_combines(tmp_path: Path
     torch.manual_seed(0)
     model = TinyNet(num_classes=2)
     module = ClassificationModule(model, partial(torch.optim.SGD, lr=0.1))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(enable_checkpointing=False)
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     assert model.crops_seen == [60]  # 6 images x 10 crops in one forward pass
     # By default the module scores the mean logits over the 10 crops of each image (the authors'

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, RUN_ENV, compose_train
+from conftest import ROOT, RUN_ENV, compose_train, quiet_trainer
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -334,10 +334,7 @@ class Linear(pl.LightningModule):
 def fit(module: pl.LightningModule, root: Path, *callbacks: pl.Callback, epochs: int = 3) -> None:
     data = DataLoader(TensorDataset(torch.randn(40, 4), torch.randn(40, 1)), batch_size=4)
     last = pl.callbacks.ModelCheckpoint(dirpath=root / "checkpoints", filename="last")
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", default_root_dir=root, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[last, *callbacks],
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=epochs, default_root_dir=root, callbacks=[last, *callbacks])
     trainer.fit(module, data)
 
 
@@ -366,11 +363,9 @@ def test_checkpoint_with_non_finite_weights_is_never_written(tmp_path: Path) -> 
     module = Linear()
     data = DataLoader(TensorDataset(torch.randn(40, 4), torch.randn(40, 1)), batch_size=4)
     last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "checkpoints", filename="last")
-    trainer = pl.Trainer(
-        max_epochs=3, accelerator="cpu", default_root_dir=tmp_path, logger=False,
-        enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[PoisonAtEpoch2(), guard, last],
-    )  # fmt: skip
+    trainer = quiet_trainer(
+        max_epochs=3, default_root_dir=tmp_path, callbacks=[PoisonAtEpoch2(), guard, last]
+    )
     with pytest.raises(NonFiniteLoss, match="non-finite weights .*layer.weight.* epoch 2"):
         trainer.fit(module, data)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor, nn
@@ -81,13 +81,7 @@ def test_module_scores_five_d_batches_by_its_rule(rule: str, err1: float) -> Non
     images = CROP_LOGITS.view(2, 2, 1, 1, 3).permute(0, 1, 4, 2, 3)  # (N, crops, C=3, 1, 1)
     loader = DataLoader(TensorDataset(images, LABELS), batch_size=2)
     module = ClassificationModule(LogitsFromPixels(), ten_crop_reduce=rule)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(enable_checkpointing=False)
     (metrics,) = trainer.validate(module, dataloaders=loader, verbose=False)
     assert metrics["val/err1"] == pytest.approx(err1)
     # The reported loss is the cross-entropy of the combined logits.

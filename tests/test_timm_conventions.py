@@ -142,6 +142,15 @@ def test_fx_symbolic_trace(registered: tuple[str, nn.Module]) -> None:
         torch.testing.assert_close(graph_module(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
+def test_plain_fx_symbolic_trace_records_the_sequential_rule(impl: str) -> None:
+    model = create_model("gunn_mini", impl=impl).train()
+    graph_module = torch.fx.symbolic_trace(model)
+    assert not any(isinstance(m, GunnLayer) for m in graph_module.modules())  # traced through
+    x = torch.randn(4, model.in_chans, 16, 16)
+    torch.testing.assert_close(graph_module(x), model(x), rtol=0, atol=0)
+
+
 def test_grad_checkpointing(registered: tuple[str, nn.Module]) -> None:
     _, model = registered
     model = copy.deepcopy(model).train()

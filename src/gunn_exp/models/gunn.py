@@ -383,10 +383,10 @@ def _check_architecture(
 
 
 class GunnTracer(torch.fx.Tracer):
-    """torch.fx tracer that keeps each `GunnLayer` as one call (a leaf): its update loop is
-    data-dependent Python and custom autograd Functions, which symbolic tracing cannot see into,
-    while everything around it traces as usual. timm's FX feature extraction gets the same rule
-    from `gunn_exp.timm`."""
+    """torch.fx tracer that keeps each `GunnLayer` as one call (a leaf), so the traced graph
+    runs the layer's own (fast) implementation; plain `torch.fx.symbolic_trace` instead traces
+    through it and records the sequential rule (`reference_update`), the same function. timm's
+    FX feature extraction gets the leaf rule from `gunn_exp.timm`."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, GunnLayer) or super().is_leaf_module(m, module_qualified_name)

@@ -96,7 +96,9 @@ def register_impl(name: str) -> Callable[[GunnImpl], GunnImpl]:
 @register_impl("reference")
 def reference_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
     """The sequential rule of SPEC §1 written out literally; autograd keeps every z_i."""
-    xs = list(x.split(units[0].width, dim=1))
+    width = units[0].width
+    # Slices, not x.split: the same views, and symbolic tracing (torch.fx) can follow them.
+    xs = [x[:, i * width : (i + 1) * width] for i in range(len(units))]
     if update == "simultaneous":  # the SUNN ablation: every G_i reads the original x
         return torch.cat([xi + unit(x) for xi, unit in zip(xs, units, strict=True)], dim=1)
     ys: list[Tensor] = []
@@ -150,6 +152,10 @@ class GunnLayer(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            # torch.fx.symbolic_trace: record the sequential rule itself (the fast
+            # implementations are autograd Functions, opaque to FX, that compute the same).
+            return reference_update(x, self.units, self.update)
         if x.shape[1] != self.channels:
             raise ValueError(f"GunnLayer expects {self.channels} channels, got {x.shape[1]}.")
         return IMPLEMENTATIONS[self.impl](x, self.units, self.update)
