@@ -604,7 +604,8 @@ def end_to_end(plan: Plan, device: torch.device, deadline: float) -> dict[str, A
         ["train.py", *common, "trainer.max_epochs=2"], deadline - time.monotonic()
     )
     timings["resume to epoch 3"], _ = _run(
-        ["train.py", *common, "trainer.max_epochs=3", "ckpt_path=last"],
+        # Extending the run on purpose (a changed schedule is refused without the flag).
+        ["train.py", *common, "trainer.max_epochs=3", "ckpt_path=last", "allow_config_change=true"],
         deadline - time.monotonic(),
     )
     results = json.loads((run_dir / "results.json").read_text())
