@@ -97,8 +97,10 @@ def register_impl(name: str) -> Callable[[GunnImpl], GunnImpl]:
 def reference_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
     """The sequential rule of SPEC §1 written out literally; autograd keeps every z_i."""
     width = units[0].width
-    # Slices, not x.split: the same views, and symbolic tracing (torch.fx) can follow them.
-    xs = [x[:, i * width : (i + 1) * width] for i in range(len(units))]
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing cannot iterate over split's result
+        xs = [x[:, i * width : (i + 1) * width] for i in range(len(units))]
+    else:  # one split: its backward is one concatenation, where slices' would be K zero-fills
+        xs = list(x.split(width, dim=1))
     if update == "simultaneous":  # the SUNN ablation: every G_i reads the original x
         return torch.cat([xi + unit(x) for xi, unit in zip(xs, units, strict=True)], dim=1)
     ys: list[Tensor] = []
