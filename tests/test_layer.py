@@ -1,4 +1,4 @@
-"""The GUNN layer computes SPEC §1's rule, for every registered implementation.
+"""The GUNN layer computes docs/SPEC.md §1's rule, for every registered implementation.
 
 The oracle is written here, independently of layer.py: it keeps one C-channel state tensor and
 overwrites segment i with x_i + G_i(state) (G_i(x) for the simultaneous update), calling
@@ -20,7 +20,7 @@ SHAPES = [(4, 1), (4, 4), (6, 2), (6, 3), (8, 2)]  # (C, K): K=1, K=C (width 1) 
 
 
 def literal_rule(layer: GunnLayer, x: Tensor) -> Tensor:
-    """SPEC §1: for i in 1..K: y_i = x_i + G_i(cat(y_<i, x_>=i)) (or G_i(x) if simultaneous)."""
+    """docs/SPEC.md §1: y_i = x_i + G_i(cat(y_<i, x_>=i)), i = 1..K (G_i(x) if simultaneous)."""
     o = layer.width
     state = x
     for i, unit in enumerate(layer.units):

@@ -22,7 +22,7 @@ from gunn_exp.models.resnet_cifar import ResNetCifar
 # The generic builder needs an architecture; every other name is complete on its own.
 EXTRA = {"gunn": {"widths": (8, 12), "segments": (2, 3), "head_width": 16}}
 
-PARAMS = [  # SPEC §2, to the unit
+PARAMS = [  # docs/SPEC.md §2, to the unit
     ("gunn15", 10, 1_585_746),
     ("gunn15", 100, 1_618_236),
     ("gunn24", 10, 29_649_276),
@@ -114,7 +114,7 @@ def test_reset_classifier(registered: tuple[str, nn.Module]) -> None:
 
 @pytest.mark.parametrize("name", ["gunn15", "resnet18_cifar"])
 def test_init_follows_spec(name: str) -> None:
-    """SPEC §2: conv kaiming normal (fan_out, relu), BN weight 1 / bias 0, Linear bias 0."""
+    """docs/SPEC.md §2: conv kaiming normal (fan_out, relu), BN weight 1 / bias 0, Linear bias 0."""
     torch.manual_seed(0)
     model = create_model(name)
     standardised = []
@@ -162,7 +162,7 @@ def test_options_reach_the_layers() -> None:
 
 
 def test_layout_of_paper_models() -> None:
-    """SPEC §2's tables: where the pooling sits, the head, the total stride."""
+    """docs/SPEC.md §2's tables: where the pooling sits, the head, the total stride."""
     gunn15 = create_model("gunn15").eval()
     with torch.no_grad():
         assert gunn15.stages[0](torch.zeros(1, 64, 32, 32)).shape == (1, 240, 32, 32)

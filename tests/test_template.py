@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, RUN_ENV, run_entry, write_cifar
+from conftest import ROOT, RUN_ENV, compose_config, run_entry, write_cifar
 from PIL import Image
 from wandb_records import read_offline_run
 
@@ -63,14 +63,11 @@ def test_train_then_eval_by_checkpoint_path(run_train) -> None:
     assert evaluated["err1"] == pytest.approx(results(run_dir)["test_err1"], abs=1e-3)
 
 
-def test_eval_without_run_dir_or_ckpt_path_names_both() -> None:
-    from hydra import compose, initialize_config_dir
-
+def test_eval_without_run_dir_or_ckpt_path_names_both(tmp_path: Path) -> None:
     from gunn_exp.errors import ConfigError
     from gunn_exp.inference.evaluate import evaluate
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval")
+    cfg = compose_config("eval", output_dir=tmp_path)
     with pytest.raises(ConfigError, match="run_dir=<run directory>.* or ckpt_path=<file.ckpt>"):
         evaluate(cfg)
 
@@ -84,6 +81,20 @@ def test_multirun_with_the_default_tags_stops_with_a_hint(tmp_path: Path) -> Non
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "tags=['dev'] in a multirun" in lines[0] and "tags=[" in lines[0]
     assert not list(tmp_path.rglob(rundir.RESULTS))
+
+
+def test_template_extras_switches(tmp_path: Path) -> None:
+    """`extras.enforce_tags=false` lets a [dev]-tagged sweep run; `extras.print_config=false` drops
+    the config tree; `extras.ignore_warnings=true` silences Python warnings."""
+    proc = run_entry(
+        "train.py", "-m", "data=digits", "model=gunn_mini", "debug=tiny", "seed=1",
+        "trainer.max_epochs=1", "extras.enforce_tags=false", "extras.print_config=false",
+        "extras.ignore_warnings=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert len(list(tmp_path.rglob(rundir.RESULTS))) == 1
+    output = proc.stdout + proc.stderr
+    assert "optimizer" not in output.split("model gunn_mini")[0]  # no config tree before the run
+    assert "Warning" not in output
 
 
 # --- slow: the rest of the template's scenarios --------------------------------------------------

@@ -49,7 +49,7 @@ def test_every_model_is_in_timms_registry_with_its_cfgs(name: str) -> None:
 def test_timm_create_model_builds_ours() -> None:
     model = timm.create_model("gunn15", pretrained=False, num_classes=100)
     assert isinstance(model, Gunn) and model.num_classes == 100
-    assert sum(p.numel() for p in model.parameters()) == 1_618_236  # SPEC §2, CIFAR-100
+    assert sum(p.numel() for p in model.parameters()) == 1_618_236  # docs/SPEC.md §2, CIFAR-100
     assert timm.create_model("sunn_mini").gunn_layers().__next__().update == "simultaneous"
     with pytest.raises(ValueError, match=r"gunn_mini: cannot honour drop_path_rate=0.2 \("):
         timm.create_model("gunn_mini", drop_path_rate=0.2)

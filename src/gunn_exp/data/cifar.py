@@ -1,4 +1,5 @@
-"""CIFAR-10/100 from torchvision's python-pickle files, with the authors' pipeline (SPEC §3)."""
+"""CIFAR-10/100 from torchvision's python-pickle files, with the authors' pipeline
+(docs/SPEC.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-sample CIFAR train augmentation of SPEC §3 on a whole batch, on whatever device it lives.
+"""Per-sample CIFAR train augmentation of docs/SPEC.md §3 on a whole batch, on whatever device it
+lives.
 
 For normalised images the authors' order is: horizontal flip (p = 1/2), random crop back to the
 input size from the image zero-padded by `padding` pixels on each side, then the Jigsaw shift
@@ -96,7 +97,7 @@ def augment(
     jigsaw: bool = True,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Draw and apply the SPEC §3 train augmentation to a normalised (N, C, H, W) batch."""
+    """Draw and apply the docs/SPEC.md §3 train augmentation to a normalised (N, C, H, W) batch."""
     n, _, h, w = images.shape
     params = draw_params(n, h, w, padding, flip, jigsaw, generator, images.device)
     return apply_params(images, params, padding)

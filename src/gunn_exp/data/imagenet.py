@@ -1,4 +1,4 @@
-"""ImageNet-1k from an ImageFolder tree, with the fb.resnet.torch pipeline (SPEC §3)."""
+"""ImageNet-1k from an ImageFolder tree, with the fb.resnet.torch pipeline (docs/SPEC.md §3)."""
 
 from __future__ import annotations
 

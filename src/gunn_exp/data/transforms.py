@@ -1,4 +1,5 @@
-"""The authors' data pipelines (SPEC §3): CIFAR with the Jigsaw shift, fb.resnet.torch ImageNet."""
+"""The authors' data pipelines (docs/SPEC.md §3): CIFAR with the Jigsaw shift, fb.resnet.torch
+ImageNet."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class RandomSizedCrop(torch.nn.Module):
     with p=1/2), resized to size x size (bicubic); else resize + centre crop.
 
     torchvision's RandomResizedCrop draws the ratio log-uniformly and never swaps, a slightly
-    different distribution; this one follows SPEC §3.
+    different distribution; this one follows docs/SPEC.md §3.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The GUNN network (SPEC §2): a stem, stages of [transition, GUNN layers, pooling], a head.
+"""The GUNN network (docs/SPEC.md §2): a stem, stages of [transition, GUNN layers, pooling], a head.
 
 The constructor's arguments are the architecture (as in torchvision's resnet.py): every paper model
 is one call with different numbers, and a new GUNN is defined by choosing new numbers (in Python or
@@ -36,7 +36,8 @@ def conv_bn_relu(in_chans: int, out_chans: int, kernel: int = 1, stride: int = 1
 
 
 def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
-    """SPEC §2 init: convs kaiming normal (fan_out, relu); BN weight 1, bias 0; Linear bias 0.
+    """docs/SPEC.md §2 init: convs kaiming normal (fan_out, relu); BN weight 1, bias 0; Linear
+    bias 0.
 
     Linear weights keep PyTorch's default init, as in the authors' Torch7 code. Each `GunnUnit`
     then initialises itself (its fused first conv is two convs with their own fan_out), with the
@@ -267,7 +268,7 @@ class Gunn(ImageClassifier):
             one, GUNN-18 none); None for no head conv.
         num_classes: classifier outputs; 0 gives a model without classifier (features only).
         in_chans: input image channels.
-        update: "gradual" (GUNN) or "simultaneous" (the SUNN ablation, SPEC §1).
+        update: "gradual" (GUNN) or "simultaneous" (the SUNN ablation, docs/SPEC.md §1).
         impl: GUNN layer implementation; None uses GunnLayer's default.
         drop_rate: dropout probability before the classifier.
         zero_init_last: start every segment function G_i at 0 (gamma of its last BatchNorms 0),

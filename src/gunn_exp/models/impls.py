@@ -1,8 +1,8 @@
 """Memory-light implementations of the GUNN update loop (issue 4), registered in `IMPLEMENTATIONS`.
 
-Every implementation computes the sequential rule of SPEC §1 with the parameters of the layer's
-`GunnUnit`s and updates each BatchNorm's running statistics once per forward, as `"reference"`
-does; they differ in what they keep for backward and what they recompute:
+Every implementation computes the sequential rule of docs/SPEC.md §1 with the parameters of the
+layer's `GunnUnit`s and updates each BatchNorm's running statistics once per forward, as
+`"reference"` does; they differ in what they keep for backward and what they recompute:
 
 `"recat"`
     The authors' trick: "concat + first conv" is checkpointed (`torch.utils.checkpoint`), which

@@ -1,4 +1,4 @@
-"""The GUNN layer (SPEC §1): K channel segments updated one after another.
+"""The GUNN layer (docs/SPEC.md §1): K channel segments updated one after another.
 
     for i in 1..K:
         z_i = cat(y_1, ..., y_{i-1}, x_i, ..., x_K)
@@ -25,7 +25,7 @@ DEFAULT_IMPL = "recompute"
 
 
 class GunnUnit(nn.Module):
-    """One update function G_i: C channels in, o = C/K channels out (SPEC §1 bottleneck).
+    """One update function G_i: C channels in, o = C/K channels out (docs/SPEC.md §1 bottleneck).
 
     The first 1x1 conv (C -> 2o) and the CIFAR projection branch (C -> o) read the same z_i, so
     they are stored as one C -> 2o(+o) conv `conv_in` with a per-channel BatchNorm `bn_in`: the
@@ -95,7 +95,7 @@ def register_impl(name: str) -> Callable[[GunnImpl], GunnImpl]:
 
 @register_impl("reference")
 def reference_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
-    """The sequential rule of SPEC §1 written out literally; autograd keeps every z_i."""
+    """The sequential rule of docs/SPEC.md §1 written out literally; autograd keeps every z_i."""
     width = units[0].width
     if isinstance(x, torch.fx.Proxy):  # symbolic tracing cannot iterate over split's result
         xs = [x[:, i * width : (i + 1) * width] for i in range(len(units))]

@@ -226,7 +226,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"create_model: unknown model {name!r}; choose one of {list_models()}.")
 
 
-# The paper's architectures (SPEC §2); the SUNN twins share them.
+# The paper's architectures (docs/SPEC.md §2); the SUNN twins share them.
 GUNN15 = {
     "stem": "cifar",
     "stem_width": 64,
@@ -263,7 +263,7 @@ def gunn24(**options: Any) -> Gunn:
     """GUNN-24 (CIFAR), RECONSTRUCTED: the paper gives only depth 24 and 29.6M parameters.
 
     GUNN-15's skeleton, widths x3.25 (o = 39 with GUNN-15's K) and two GUNN layers per stage
-    (SPEC §2). 29,649,276 parameters with 10 classes.
+    (docs/SPEC.md §2). 29,649,276 parameters with 10 classes.
     """
     return Gunn(**GUNN24, **options)
 
@@ -279,7 +279,7 @@ def wide_gunn18(**options: Any) -> Gunn:
     """Wide GUNN-18 (ImageNet), RECONSTRUCTED: the paper gives only 45.6M parameters.
 
     GUNN-18's skeleton with widths 480-2400, segment width 20 and the projection branch on
-    (SPEC §2). 45,606,696 parameters with 1000 classes.
+    (docs/SPEC.md §2). 45,606,696 parameters with 1000 classes.
     """
     return Gunn(**WIDE_GUNN18, **options)
 
@@ -304,8 +304,8 @@ def gunn(**options: Any) -> Gunn:
     return Gunn(**options)
 
 
-# SUNN twins (SPEC §1 ablation): the same modules and parameters, every segment reads the layer's
-# input. `update` stays overridable so one config can switch between the two.
+# SUNN twins (docs/SPEC.md §1 ablation): the same modules and parameters, every segment reads the
+# layer's input. `update` stays overridable so one config can switch between the two.
 @register_model(cfgs=_cifar_cfgs())
 def sunn15(**options: Any) -> Gunn:
     """GUNN-15 updated simultaneously (SUNN-15)."""

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 
 def epoch_milestones(max_epochs: int, fractions: Sequence[float]) -> list[int]:
-    """0-based MultiStepLR milestones: lr decays from 1-based epoch >= f * max_epochs (SPEC §3).
+    """0-based MultiStepLR milestones: lr decays from 1-based epoch >= f * max_epochs
+    (docs/SPEC.md §3).
 
     With 300 epochs and (0.5, 0.75): lr drops from 1-based epochs 150 and 225, i.e. after 149 and
     224 scheduler steps.

@@ -21,7 +21,10 @@ DEFAULT_TAGS = ["dev"]
 
 def require_tags(cfg: DictConfig) -> None:
     """A multirun needs tags of its own (as in lightning-hydra-template): `tags=[dev]` on every
-    sweep would make a sweep's runs indistinguishable in wandb and results.json."""
+    sweep would make a sweep's runs indistinguishable in wandb and results.json. Off with
+    `extras.enforce_tags=false`."""
+    if not cfg.extras.enforce_tags:
+        return
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
     tags = list(cfg.get("tags") or [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -69,6 +70,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     test set. The run directory is locked while this process writes into it (rundir.RunLock).
     """
     validate_config(cfg)
+    if cfg.extras.ignore_warnings:
+        warnings.filterwarnings("ignore")
     require_tags(cfg)
     refuse_child_process_ranks(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -92,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    if cfg.print_config:
+    if cfg.extras.print_config:
         print_config(cfg, ["data", "model", "optimizer", "scheduler", "trainer", "seed"])
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
