@@ -85,6 +85,10 @@ def test_debug_configs() -> None:
     assert 0 < limit.trainer.limit_train_batches < 1 and limit.trainer.max_epochs == 3
     profiler = instantiate(compose_train("debug=profiler").trainer.profiler)
     assert isinstance(profiler, SimpleProfiler)
+    default = compose_train("experiment=digits", "debug=default")
+    validate_config(default)
+    assert default.trainer.detect_anomaly is True and default.trainer.max_epochs == 1
+    assert default.extras.enforce_tags is False and default.data.num_workers == 0
 
 
 @pytest.mark.parametrize("uri", ["http://tracking.example:5000", "sqlite:///{tmp}/mlflow.db"])
