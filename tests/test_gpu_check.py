@@ -16,6 +16,7 @@ from conftest import ROOT, RUN_ENV
 from gunn_exp import gpu_check
 from gunn_exp.data.cifar import CIFARDataModule
 from gunn_exp.models import IMPLEMENTATIONS
+from gunn_exp.models.layer import DEFAULT_IMPL
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU version")
 
@@ -35,12 +36,16 @@ def _rows(result: dict, case: str) -> dict[str, dict]:
     return {r["impl"]: r for r in result["rows"] if f"{r['precision']} {r['update']}" == case}
 
 
+# The default implementation is also checked compiled (the CPU version: aot_eager).
+COMPILED = f"{DEFAULT_IMPL}, compiled (aot_eager)"
+
+
 def test_exactness_covers_every_implementation(exactness: dict) -> None:
-    others = set(IMPLEMENTATIONS) - {"reference"}
+    others = set(IMPLEMENTATIONS) - {"reference"} | {COMPILED}
     for case in CASES[:2]:
         assert set(_rows(exactness, case)) == others, case
     # bf16: the bf16 reference's own error against float32 sets the tolerance and is reported.
-    assert set(_rows(exactness, CASES[2])) == set(IMPLEMENTATIONS)
+    assert set(_rows(exactness, CASES[2])) == set(IMPLEMENTATIONS) | {COMPILED}
     # bf16 keeps 8 bits of mantissa: gradients summed over a layer drift by tens of percent, not
     # by orders of magnitude (a broken autocast path would).
     assert 0 < _rows(exactness, CASES[2])["reference"]["grad x"] < 0.5
@@ -55,7 +60,7 @@ def test_float32_implementations_match_reference(exactness: dict, case: str) -> 
 
 @pytest.mark.parametrize(
     "impl",
-    sorted(set(IMPLEMENTATIONS) - {"reference"}),
+    sorted(set(IMPLEMENTATIONS) - {"reference"} | {COMPILED}),
 )
 def test_bf16_autocast_implementations_match_reference(exactness: dict, impl: str) -> None:
     row = _rows(exactness, CASES[2])[impl]

@@ -51,3 +51,20 @@ def test_whole_layer_default_launches_fewer_ops_than_reference() -> None:
         model = create_model("gunn", widths=(16, 24), segments=(8, 12), stem_width=8, impl=impl)
         counts[impl] = count_launching_ops(model, x)
     assert counts["recompute"] < counts["reference"]
+
+
+def test_profiler_count_is_one_per_operator_that_does_work() -> None:
+    """benchmark.count_launches: the innermost working operator once, whatever wraps it."""
+    from gunn_exp.analysis.benchmark import count_launches
+
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    bn = nn.BatchNorm2d(3)
+    counters = [torch.zeros(()) for _ in range(4)]
+
+    def step() -> None:
+        torch.bmm(a, b)  # calls resolve_conj on both inputs: no kernel of their own
+        bn(torch.ones(2, 3, 4, 4))  # ones; native_batch_norm, whose only children allocate
+        torch._foreach_add_(counters, 1)  # a loop on CPU, one multi-tensor kernel on CUDA
+
+    # bmm, ones (its fill_), the counter increment, native_batch_norm, foreach: 5.
+    assert count_launches(step, torch.device("cpu")) == (0, 5)

@@ -5,7 +5,8 @@ Runs offline on a fresh node (no dataset on disk) and writes `benchmarks/gpu_<de
 
 1. exactness: every GUNN layer implementation against `reference` on the device, in float32
    (TF32 off, tight tolerance) and under bf16 autocast with channels_last (to bf16 rounding):
-   outputs, input and parameter gradients, BatchNorm running statistics;
+   outputs, input and parameter gradients, BatchNorm running statistics; the default
+   implementation also compiled as `compile=true` runs it (its segment functions);
 2. throughput: GUNN-15 training steps at CIFAR shape (bf16 autocast, channels_last, fused SGD) for
    `reference` / `keep_convs` / `recompute` x eager / compile / compile + CUDA graphs, with the
    CIFAR ResNet-18 yardstick in the same process; models interleaved, medians; img/s, ratio to the
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 
 from gunn_exp.models import GunnLayer, create_model
 from gunn_exp.models.compile import compile_regions
-from gunn_exp.models.layer import IMPLEMENTATIONS
+from gunn_exp.models.layer import DEFAULT_IMPL, IMPLEMENTATIONS
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: train.py, eval.py, conf/
 MODES = ("eager", "compile", "compile+cudagraphs")
@@ -207,12 +208,16 @@ def _run_impl(
     grad: Tensor,
     impl: str,
     dtype: torch.dtype | None,
+    backend: str | None = None,
 ) -> dict[str, Tensor]:
-    """`_layer_run` of a GunnLayer with implementation `impl` and parameters `state`."""
+    """`_layer_run` of a GunnLayer with implementation `impl` and parameters `state`, compiled
+    regionally with `backend` if given."""
     channels = x.shape[1]
     segments = channels // state["units.0.conv_out.weight"].shape[0]
     layer = GunnLayer(channels, segments, update=update, impl=impl).to(x.device)
     layer.load_state_dict(state)
+    if backend is not None:
+        compile_regions(layer, backend=backend)
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
     return _layer_run(layer.to(memory_format=fmt or torch.contiguous_format), x, grad, dtype)
 
@@ -267,18 +272,19 @@ def check_exactness(plan: Plan, device: torch.device, deadline: float) -> dict[s
                         "ok": True,
                     }
                 )
-            for impl in sorted(IMPLEMENTATIONS):
-                if impl == "reference":
-                    continue
-                row: dict[str, Any] = {"impl": impl, "precision": precision, "update": update}
+            # Every implementation eagerly, and the default one as `compile=true` runs it.
+            variants = [(impl, None) for impl in sorted(IMPLEMENTATIONS) if impl != "reference"]
+            for impl, backend in [*variants, (DEFAULT_IMPL, plan.backend)]:
+                label = impl if backend is None else f"{impl}, compiled ({backend})"
+                row: dict[str, Any] = {"impl": label, "precision": precision, "update": update}
                 if time.monotonic() > deadline:
-                    failures.append(f"{impl} {precision} {update}: skipped (time budget)")
+                    failures.append(f"{label} {precision} {update}: skipped (time budget)")
                     continue
                 try:
-                    errs = _group_errors(run(impl, dtype), ref)
+                    errs = _group_errors(run(impl, dtype, backend), ref)
                 except Exception as err:  # noqa: BLE001 (recorded; the other cases still run)
                     rows.append({**row, "ok": f"error: {_one_line(err)}"})
-                    failures.append(f"{impl} {precision} {update}: {_one_line(err)}")
+                    failures.append(f"{label} {precision} {update}: {_one_line(err)}")
                     continue
                 bad = {g: f"{errs[g]:.3g} > {tols[g]:.3g}" for g in _GROUPS if errs[g] > tols[g]}
                 tolerance = (
@@ -288,7 +294,7 @@ def check_exactness(plan: Plan, device: torch.device, deadline: float) -> dict[s
                 )
                 rows.append({**row, **errs, "tolerance": tolerance, "ok": not bad})
                 if bad:
-                    failures.append(f"{impl} {precision} {update}: {bad}")
+                    failures.append(f"{label} {precision} {update}: {bad}")
     return {
         "layer": f"GunnLayer(C={channels}, K={segments}), input {batch}x{channels}x{size}^2",
         "rows": rows,
@@ -597,8 +603,6 @@ def end_to_end(plan: Plan, device: torch.device, deadline: float) -> dict[str, A
         f"hydra.run.dir={run_dir}",
         "print_config=false",
     ]
-    if plan.e2e_compile:
-        common.append("model.impl=reference")  # regional compilation: once per unit shape
     timings = {}
     timings["train 2 epochs"], _ = _run(
         ["train.py", *common, "trainer.max_epochs=2"], deadline - time.monotonic()

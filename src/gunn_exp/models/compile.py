@@ -10,9 +10,14 @@ GUNN-15, train and eval each) and reuses that code for the other units of the st
 Which region is compiled depends on how the layer's implementation runs the units:
 - implementations that call each unit as a module (`UNIT_IMPLS`, i.e. `reference`): every unit is
   compiled; the update loop (slicing, concatenation) stays in Python.
-- the others (`recat`, and the whole-layer autograd Functions `recompute`, `keep_in`,
-  `keep_convs`) never call `GunnUnit.forward`, so their smallest compilable region is the layer;
-  each layer is compiled whole (one graph per layer, its K segments unrolled).
+- the whole-layer autograd Functions (`SEGMENT_IMPLS`: `recompute`, `keep_in`, `keep_convs`) run
+  G_i's forward and its backward as two segment functions: those are compiled
+  (`impls.compiled_ops`, set through `GunnLayer.impl_options`), once per shape for all layers.
+  The per-layer bookkeeping (one clone, the segment writes, the batched BatchNorm affines) stays
+  eager: a few operators per segment.
+- `recat` never calls `GunnUnit.forward` and has no segment function, so its smallest
+  compilable region is the layer: each layer is compiled whole (its K segments unrolled, slow to
+  compile).
 Everything outside the GUNN layers (stem, transitions, head) runs eagerly: a handful of ops.
 A model without GUNN layers (e.g. the ResNet yardstick) is compiled whole.
 
@@ -25,10 +30,13 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from gunn_exp.models.impls import KEEP
 from gunn_exp.models.layer import GunnLayer
 
 # Implementations whose update loop calls every GunnUnit as a module (see the module docstring).
 UNIT_IMPLS = frozenset({"reference"})
+# Implementations whose per-segment functions are compiled (the whole-layer Functions).
+SEGMENT_IMPLS = frozenset(KEEP)
 
 # Dynamo compiles a region's code at most this many times (per shape, train/eval, batch size)
 # before it falls back to eager. Its default (8) is too small for one code object shared by the
@@ -39,7 +47,7 @@ RECOMPILE_LIMIT = 64
 def compile_regions(
     model: nn.Module, mode: str | None = None, backend: str = "inductor"
 ) -> list[str]:
-    """Compile `model`'s GUNN units or layers in place (see the module docstring).
+    """Compile `model`'s GUNN units, segment functions or layers in place (module docstring).
 
     Args:
         model: any image classifier; compiled whole when it has no GUNN layer.
@@ -47,7 +55,8 @@ def compile_regions(
         backend: torch.compile backend ("inductor"; "aot_eager" to check tracing quickly).
 
     Returns:
-        The qualified names of the compiled modules ("" for the whole model).
+        The qualified names of the compiled modules ("" for the whole model), a layer's name with
+        ".segments" where its segment functions are compiled.
     """
     _raise_recompile_limit(RECOMPILE_LIMIT)
     # Static shapes: each shape gets its own specialised code, which is what CUDA graphs want and
@@ -63,6 +72,9 @@ def compile_regions(
             for i, unit in enumerate(layer.units):
                 unit.compile(**options)
                 compiled.append(f"{name}.units.{i}")
+        elif layer.impl in SEGMENT_IMPLS:
+            layer.impl_options = {"compile": {"mode": mode, "backend": backend}}
+            compiled.append(f"{name}.segments")
         else:
             layer.compile(**options)
             compiled.append(name)

@@ -41,8 +41,9 @@ microseconds; `gunn_exp.models.opcount` counts them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -219,29 +220,28 @@ def _bn_forward(
     momentum: float,
     eps: float,
     training: bool,
-    spec: _Spec,
     group: Any,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm forward: (output, mean, invstd); updates the running statistics in training.
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """BatchNorm forward: (output, mean, invstd, global count); updates running stats in training.
 
     In eval the statistics returned are the running ones (mean, 1/sqrt(var + eps)), so backward
     has a single recompute path. With a process `group` (SyncBatchNorm across ranks) the batch
-    statistics are those of the global batch; the global count is kept in `spec` for backward.
+    statistics are those of the global batch, whose element count per channel backward needs;
+    without one the count is None.
     """
     running_mean, running_var = running
     if group is not None:
         mean, var, total = _sync_batch_stats(t, group)
-        spec.count = total
         running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         running_var.mul_(1 - momentum).add_(var * (total / (total - 1)), alpha=momentum)
         out = aten.native_batch_norm(t, weight, bias, mean, var, False, 0.0, eps)[0]
-        return out, mean, torch.rsqrt(var + eps)
+        return out, mean, torch.rsqrt(var + eps), total
     out, mean, invstd = aten.native_batch_norm(
         t, weight, bias, running_mean, running_var, training, momentum, eps
     )
     if not training:
         mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
-    return out, mean, invstd
+    return out, mean, invstd, None
 
 
 def _bn_affine(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
@@ -275,14 +275,15 @@ def _bn_backward(
     invstd: Tensor,
     eps: float,
     training: bool,
-    spec: _Spec,
     group: Any,
+    count: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of BatchNorm w.r.t. (input, weight, bias), given the statistics it used.
 
     With a process `group` the input gradient uses the global batch's reductions (all-reduced
-    here, as SyncBatchNorm does); the weight and bias gradients stay this rank's share, which
-    DistributedDataParallel sums like every other parameter gradient.
+    here and divided by the global `count`, as SyncBatchNorm does); the weight and bias gradients
+    stay this rank's share, which DistributedDataParallel sums like every other parameter
+    gradient.
     """
     if group is not None:
         xmu = t - mean[:, None, None]
@@ -290,7 +291,7 @@ def _bn_backward(
         sum_dy_xmu = (grad * xmu).sum((0, 2, 3), dtype=mean.dtype)
         reduced = torch.cat([sum_dy, sum_dy_xmu])
         dist.all_reduce(reduced, group=group)
-        mean_dy, mean_dy_xmu = (reduced / spec.count).chunk(2)
+        mean_dy, mean_dy_xmu = (reduced / count).chunk(2)
         grad_t = (grad - mean_dy[:, None, None]) - xmu * (invstd.square() * mean_dy_xmu)[
             :, None, None
         ]
@@ -331,6 +332,22 @@ def _fusable(units: Sequence[GunnUnit]) -> bool:
     return True
 
 
+class _Segment(NamedTuple):
+    """The constants of one G_i's computation: everything but its tensors.
+
+    They are the static arguments of the segment functions, so a compiled segment function is
+    specialised on them (Dynamo guards on their values) and units that share them share code.
+    """
+
+    hidden: int
+    projection: bool
+    keep: tuple[str, ...]
+    dtype: torch.dtype  # the compute dtype (autocast's, or the input's)
+    training: tuple[bool, bool, bool]  # bn_in, bn_mid, bn_out, each in its own mode
+    momenta: tuple[float, float, float]
+    eps: tuple[float, float, float]
+
+
 class _Spec:
     """Static description of one layer call, shared by forward and backward.
 
@@ -339,28 +356,170 @@ class _Spec:
     """
 
     def __init__(
-        self, units: Sequence[GunnUnit], gradual: bool, keep: tuple[str, ...], x: Tensor
+        self,
+        units: Sequence[GunnUnit],
+        gradual: bool,
+        keep: tuple[str, ...],
+        x: Tensor,
+        ops: _SegmentOps,
     ) -> None:
         unit = units[0]
         bns = [bn for u in units for bn in (u.bn_in, u.bn_mid, u.bn_out)]
-        self.segments = len(units)
         self.width = unit.width
-        self.hidden = unit.hidden
-        self.projection = unit.projection
         self.gradual = gradual
-        self.keep = keep
-        self.training = [bn.training for bn in bns]
-        self.groups = [_sync_group(bn) for bn in bns]
-        self.count: Tensor | None = None  # global batch count of synchronised BatchNorms
+        training = [bn.training for bn in bns]
+        groups = [_sync_group(bn) for bn in bns]
         n, _, h, w = x.shape
-        local = [t and g is None for t, g in zip(self.training, self.groups, strict=True)]
+        local = [t and g is None for t, g in zip(training, groups, strict=True)]
         if n * h * w == 1 and any(local):
             size = torch.Size((n, unit.conv_in.out_channels, h, w))  # bn_in's input, as reference
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {size}"
             )
-        self.momenta = _momenta(bns)
-        self.eps = [bn.eps for bn in bns]
+        momenta, eps, dtype = _momenta(bns), [bn.eps for bn in bns], _compute_dtype(x)
+        self.segments = [
+            _Segment(
+                unit.hidden,
+                unit.projection,
+                keep,
+                dtype,
+                tuple(training[3 * i : 3 * i + 3]),
+                tuple(momenta[3 * i : 3 * i + 3]),
+                tuple(eps[3 * i : 3 * i + 3]),
+            )
+            for i in range(len(units))
+        ]
+        self.groups = [tuple(groups[3 * i : 3 * i + 3]) for i in range(len(units))]
+        self.count: Tensor | None = None  # global batch count of synchronised BatchNorms
+        # Collectives stay out of compiled code: a synchronised layer runs the eager functions.
+        self.ops = EAGER_OPS if any(g is not None for g in groups) else ops
+
+
+def _segment_forward(
+    z: Tensor,
+    convs: Sequence[Tensor],
+    affine: Sequence[Tensor],
+    running: Sequence[Tensor],
+    seg: _Segment,
+    groups: Sequence[Any],
+) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    """G_i(z_i) without autograd: (output, what backward needs, global count of synced BNs).
+
+    `convs` are the three conv weights in the compute dtype, `affine` the (weight, bias) of
+    bn_in, bn_mid, bn_out, `running` their (mean, var); the running statistics are updated.
+    What backward needs: each BatchNorm's (mean, invstd), then the conv outputs in `seg.keep`.
+    """
+    hid, (w_in, w_mid, w_out) = seg.hidden, convs
+    a = _conv1x1(z.to(seg.dtype), w_in)
+    a_bn, mean_in, inv_in, count = _bn_forward(
+        a, *affine[0:2], running[0:2], seg.momenta[0], seg.eps[0], seg.training[0], groups[0]
+    )
+    m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid, padding=1)
+    m_bn, mean_mid, inv_mid, _ = _bn_forward(
+        m, *affine[2:4], running[2:4], seg.momenta[1], seg.eps[1], seg.training[1], groups[1]
+    )
+    c = _conv1x1(torch.relu_(m_bn), w_out)
+    c_bn, mean_out, inv_out, _ = _bn_forward(
+        c, *affine[4:6], running[4:6], seg.momenta[2], seg.eps[2], seg.training[2], groups[2]
+    )
+    if seg.projection:
+        c_bn.add_(a_bn[:, hid:])
+    kept = {"a": a, "m": m, "c": c}
+    saved = [mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out]
+    return c_bn, saved + [kept[name] for name in seg.keep], count
+
+
+def _segment_backward(
+    grad_out: Tensor,
+    z: Tensor,
+    convs: Sequence[Tensor],
+    gammas: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    recompute_affine: Sequence[Tensor],
+    seg: _Segment,
+    groups: Sequence[Any],
+    count: Tensor | None,
+    into: Tensor | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Backpropagate dL/dy_i through G_i: (J_i^T dL/dy_i, gradients of the unit's parameters).
+
+    `gammas` are the BatchNorm weights, `saved` what `_segment_forward` returned for backward,
+    `recompute_affine` the (scale, shift) of bn_in's first 2o channels and of bn_mid under the
+    saved statistics. Conv outputs that were not kept are recomputed. With `into`, J_i^T dL/dy_i
+    is accumulated into it in place and `into` is returned. Parameter gradients are in
+    `_unit_tensors` order: the three conv weights, then (weight, bias) of bn_in, bn_mid, bn_out.
+    """
+    hid, (w_in, w_mid, w_out), (g_in, g_mid, g_out) = seg.hidden, convs, gammas
+    mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out, *kept_list = saved
+    kept = dict(zip(seg.keep, kept_list, strict=True))
+    scale_in, shift_in, scale_mid, shift_mid = recompute_affine
+    train, eps = seg.training, seg.eps
+    grad_out, z = grad_out.to(seg.dtype), z.to(seg.dtype)
+    # Recompute what was not kept; BatchNorm uses the saved statistics.
+    a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
+    h1 = _affine_relu(a[:, :hid], scale_in, shift_in)
+    m = kept["m"] if "m" in kept else F.conv2d(h1, w_mid, padding=1)
+    h2 = _affine_relu(m, scale_mid, shift_mid)
+    c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
+    # Backpropagate through G_i, in reverse order of its forward.
+    g_c, d_g_out, d_b_out = _bn_backward(
+        grad_out, c, g_out, mean_out, inv_out, eps[2], train[2], groups[2], count
+    )
+    d_w_out, g_h2 = _conv1x1_backward(g_c, h2, w_out)
+    g_m, d_g_mid, d_b_mid = _bn_backward(
+        aten.threshold_backward(g_h2, h2, 0),
+        m,
+        g_mid,
+        mean_mid,
+        inv_mid,
+        eps[1],
+        train[1],
+        groups[1],
+        count,
+    )
+    g_h1, d_w_mid, _ = aten.convolution_backward(
+        g_m, h1, w_mid, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    # dL/d bn_in's output: relu backward on the first 2o channels, dL/dy_i on the projection's o
+    # channels. A concatenation (two operators, as writing both into one buffer is) that
+    # inductor fuses into the relu backward; writes into slices of a buffer it would copy.
+    g_a_bn = aten.threshold_backward(g_h1, h1, 0)
+    if seg.projection:
+        g_a_bn = torch.cat([g_a_bn, grad_out], dim=1)
+    g_a, d_g_in, d_b_in = _bn_backward(
+        g_a_bn, a, g_in, mean_in, inv_in, eps[0], train[0], groups[0], count
+    )
+    d_w_in, grad_z = _conv1x1_backward(g_a, z, w_in, into=into)
+    return grad_z, [d_w_in, d_w_mid, d_w_out, d_g_in, d_b_in, d_g_mid, d_b_mid, d_g_out, d_b_out]
+
+
+class _SegmentOps(NamedTuple):
+    """The pair of segment functions a layer call runs: eager, or compiled (`compiled_ops`)."""
+
+    forward: Callable[..., tuple[Tensor, list[Tensor], Tensor | None]]
+    backward: Callable[..., tuple[Tensor, list[Tensor]]]
+    accumulates: bool  # backward adds J_i^T dL/dy_i into the running gradient in place
+
+
+EAGER_OPS = _SegmentOps(_segment_forward, _segment_backward, accumulates=True)
+
+
+@functools.cache
+def compiled_ops(mode: str | None = None, backend: str = "inductor") -> _SegmentOps:
+    """The segment functions under `torch.compile`: regional compilation of the whole layer.
+
+    Dynamo caches compiled code per function and per guard set (shapes, dtypes, the `_Segment`
+    constants), not per unit, so G_i's forward and backward are each compiled once per stage
+    shape and mode and then reused by every unit and layer of that shape. The compiled backward
+    returns J_i^T dL/dy_i instead of accumulating it in place (an input mutated through a view
+    that another input aliases would be copied), and the layer adds it.
+    """
+    options = {"mode": mode, "backend": backend, "dynamic": False}
+    return _SegmentOps(
+        torch.compile(_segment_forward, **options),
+        torch.compile(_segment_backward, **options),
+        accumulates=False,
+    )
 
 
 def _conv_weights(flat: Sequence[Tensor], i: int, per: int = _TENSORS_PER_UNIT) -> list[Tensor]:
@@ -384,52 +543,40 @@ class _GunnLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, x: Tensor, *flat: Tensor) -> Tensor:
-        o, hid = spec.width, spec.hidden
-        dt = _compute_dtype(x)
+        o, k, dt = spec.width, len(spec.segments), spec.segments[0].dtype
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         buf = x.clone(memory_format=fmt)
         params: list[Tensor] = []
         saved: list[Tensor] = []
-        convs = _cast_all([w for i in range(spec.segments) for w in _conv_weights(flat, i)], dt)
+        convs = _cast_all([w for i in range(k) for w in _conv_weights(flat, i)], dt)
         with torch.autocast(x.device.type, enabled=False):
-            for i in range(spec.segments):
+            for i in range(k):
                 unit = flat[i * _TENSORS_PER_UNIT : (i + 1) * _TENSORS_PER_UNIT]
-                g_in, b_in, g_mid, b_mid, g_out, b_out = unit[3:9]
-                w_in, w_mid, w_out = convs[3 * i : 3 * i + 3]
-                r_in, r_mid, r_out = unit[9:11], unit[11:13], unit[13:15]
-                mom, eps = spec.momenta[3 * i : 3 * i + 3], spec.eps[3 * i : 3 * i + 3]
-                train, group = spec.training[3 * i : 3 * i + 3], spec.groups[3 * i : 3 * i + 3]
-                z = (buf if spec.gradual else x).to(dt)
-                a = _conv1x1(z, w_in)
-                a_bn, mean_in, inv_in = _bn_forward(
-                    a, g_in, b_in, r_in, mom[0], eps[0], train[0], spec, group[0]
+                g, saved_i, count = spec.ops.forward(
+                    buf if spec.gradual else x,
+                    convs[3 * i : 3 * i + 3],
+                    unit[3:9],
+                    unit[9:15],
+                    spec.segments[i],
+                    spec.groups[i],
                 )
-                m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid, padding=1)
-                m_bn, mean_mid, inv_mid = _bn_forward(
-                    m, g_mid, b_mid, r_mid, mom[1], eps[1], train[1], spec, group[1]
-                )
-                c = _conv1x1(torch.relu_(m_bn), w_out)
-                c_bn, mean_out, inv_out = _bn_forward(
-                    c, g_out, b_out, r_out, mom[2], eps[2], train[2], spec, group[2]
-                )
-                if spec.projection:
-                    c_bn.add_(a_bn[:, hid:])
-                buf[:, i * o : (i + 1) * o].add_(c_bn)  # y_i = x_i + G_i(z_i), over x_i
-                kept = {"a": a, "m": m, "c": c}
+                buf[:, i * o : (i + 1) * o].add_(g)  # y_i = x_i + G_i(z_i), over x_i
+                if count is not None:
+                    spec.count = count
                 params += unit[:_PARAMS_PER_UNIT]
-                saved += [mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out]
-                saved += [kept[name] for name in spec.keep]
-        ctx.spec, ctx.dtype, ctx.format = spec, dt, fmt
+                saved += saved_i
+        ctx.spec, ctx.format = spec, fmt
         ctx.save_for_backward(x, buf, *params, *saved)
         return buf
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         spec: _Spec = ctx.spec
-        o, hid, k, dt = spec.width, spec.hidden, spec.segments, ctx.dtype
+        o, k = spec.width, len(spec.segments)
+        hid, dt = spec.segments[0].hidden, spec.segments[0].dtype
         x, y, *rest = ctx.saved_tensors
         params, saved = rest[: k * _PARAMS_PER_UNIT], rest[k * _PARAMS_PER_UNIT :]
-        per_unit = _STATS_PER_UNIT + len(spec.keep)
+        per_unit = _STATS_PER_UNIT + len(spec.segments[0].keep)
         grad_state = grad_y.clone(memory_format=ctx.format)  # dL/dz_{i+1} -> dL/dz_i -> dL/dx
         state = y.clone(memory_format=ctx.format) if spec.gradual else x  # z_{i+1} -> z_i
         grads: list[Tensor | None] = [None] * (k * _TENSORS_PER_UNIT)
@@ -453,91 +600,44 @@ class _GunnLayerFunction(torch.autograd.Function):
         scale, shift = _bn_affine(stats[:, 0], stats[:, 1], affine[:, 0], affine[:, 1])
         for i in reversed(range(k)):
             p = params[i * _PARAMS_PER_UNIT : (i + 1) * _PARAMS_PER_UNIT]
-            w_in, w_mid, w_out = convs[3 * i : 3 * i + 3]
-            g_in, g_mid, g_out = p[3], p[5], p[7]
-            mean_in, inv_in, mean_mid, inv_mid, mean_out, inv_out, *kept_list = saved[
-                i * per_unit : (i + 1) * per_unit
-            ]
-            kept = dict(zip(spec.keep, kept_list, strict=True))
-            eps = spec.eps[3 * i : 3 * i + 3]
-            train, group = spec.training[3 * i : 3 * i + 3], spec.groups[3 * i : 3 * i + 3]
             seg = slice(i * o, (i + 1) * o)
             if spec.gradual:
                 state[:, seg].copy_(x[:, seg])  # z_i = cat(y_<i, x_>=i)
             # dL/dy_i. Gradual: segment i of dL/dz_{i+1} (later units read y_i); a view, read
-            # before J_i^T is added to grad_state below. Simultaneous: only the output reads y_i.
-            grad_out = (grad_state if spec.gradual else grad_y)[:, seg].to(dt)
-            z = state.to(dt)
-            # Recompute what was not kept; BatchNorm uses the saved statistics.
-            a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
-            h1 = _affine_relu(a[:, :hid], scale[i, :hid], shift[i, :hid])
-            m = kept["m"] if "m" in kept else F.conv2d(h1, w_mid, padding=1)
-            h2 = _affine_relu(m, scale[i, hid:], shift[i, hid:])
-            c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
-            # Backpropagate dL/dy_i through G_i, in reverse order of its forward.
-            g_c, d_g_out, d_b_out = _bn_backward(
-                grad_out, c, g_out, mean_out, inv_out, eps[2], train[2], spec, group[2]
+            # before J_i^T dL/dy_i is added to grad_state. Simultaneous: only the output reads y_i.
+            grad_z, grads_i = spec.ops.backward(
+                (grad_state if spec.gradual else grad_y)[:, seg],
+                state,
+                convs[3 * i : 3 * i + 3],
+                (p[3], p[5], p[7]),
+                saved[i * per_unit : (i + 1) * per_unit],
+                (scale[i, :hid], shift[i, :hid], scale[i, hid:], shift[i, hid:]),
+                spec.segments[i],
+                spec.groups[i],
+                spec.count,
+                grad_state if spec.ops.accumulates else None,
             )
-            d_w_out, g_h2 = _conv1x1_backward(g_c, h2, w_out)
-            g_m, d_g_mid, d_b_mid = _bn_backward(
-                aten.threshold_backward(g_h2, h2, 0),
-                m,
-                g_mid,
-                mean_mid,
-                inv_mid,
-                eps[1],
-                train[1],
-                spec,
-                group[1],
-            )
-            g_h1, d_w_mid, _ = aten.convolution_backward(
-                g_m,
-                h1,
-                w_mid,
-                None,
-                [1, 1],
-                [1, 1],
-                [1, 1],
-                False,
-                [0, 0],
-                1,
-                [True, True, False],
-            )
-            # dL/d bn_in's output: relu backward on the first 2o channels, dL/dy_i on the
-            # projection's o channels, written into one tensor (no concatenation).
-            g_a_bn = torch.empty_like(a)
-            aten.threshold_backward.grad_input(g_h1, h1, 0, grad_input=g_a_bn[:, :hid])
-            if spec.projection:
-                g_a_bn[:, hid:].copy_(grad_out)
-            g_a, d_g_in, d_b_in = _bn_backward(
-                g_a_bn, a, g_in, mean_in, inv_in, eps[0], train[0], spec, group[0]
-            )
-            d_w_in, _ = _conv1x1_backward(g_a, z, w_in, into=grad_state)  # dL/dz_i
+            if not spec.ops.accumulates:
+                grad_state.add_(grad_z)  # dL/dz_i = dL/dz_{i+1} + J_i^T dL/dy_i
             base = i * _TENSORS_PER_UNIT  # gradients in `_unit_tensors` order; none for buffers
-            grads[base : base + _PARAMS_PER_UNIT] = [
-                d_w_in,
-                d_w_mid,
-                d_w_out,
-                d_g_in,
-                d_b_in,
-                d_g_mid,
-                d_b_mid,
-                d_g_out,
-                d_b_out,
-            ]
+            grads[base : base + _PARAMS_PER_UNIT] = grads_i
         return (None, grad_state, *grads)
 
 
 def _whole_layer_impl(keep: tuple[str, ...]):
-    def update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
+    def update(
+        x: Tensor, units: Sequence[GunnUnit], update: str, compile: dict[str, Any] | None = None
+    ) -> Tensor:
         if not _fusable(units):
             return reference_update(x, units, update)
-        spec = _Spec(units, update == "gradual", keep, x)
+        ops = EAGER_OPS if compile is None else compiled_ops(**compile)
+        spec = _Spec(units, update == "gradual", keep, x, ops)
         return _GunnLayerFunction.apply(spec, x, *_unit_tensors(units))
 
     update.__doc__ = (
         f"Whole-layer Function keeping {keep or 'no'} conv outputs per segment "
-        "(`reference`'s path for BatchNorm or conv modules it does not fuse, see `_fusable`)."
+        "(`reference`'s path for BatchNorm or conv modules it does not fuse, see `_fusable`); "
+        "`compile`: torch.compile options for its segment functions (`compiled_ops`)."
     )
     return update
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -80,8 +81,9 @@ class GunnUnit(nn.Module):
         return h
 
 
-# An implementation maps (x, units, update) -> output. Register new ones with `register_impl`.
-GunnImpl = Callable[[Tensor, Sequence[GunnUnit], str], Tensor]
+# An implementation maps (x, units, update, **options) -> output; `GunnLayer.impl_options` are
+# the options (e.g. the whole-layer Functions' `compile`). Register new ones with `register_impl`.
+GunnImpl = Callable[..., Tensor]
 IMPLEMENTATIONS: dict[str, GunnImpl] = {}
 
 
@@ -149,6 +151,8 @@ class GunnLayer(nn.Module):
         self.width = channels // segments
         self.update = update
         self.impl = impl
+        # Keyword options of the implementation (`gunn_exp.models.compile` sets `compile`).
+        self.impl_options: dict[str, Any] = {}
         self.units = nn.ModuleList(
             GunnUnit(channels, self.width, projection) for _ in range(segments)
         )
@@ -160,12 +164,13 @@ class GunnLayer(nn.Module):
             return reference_update(x, self.units, self.update)
         if x.shape[1] != self.channels:
             raise ValueError(f"GunnLayer expects {self.channels} channels, got {x.shape[1]}.")
-        return IMPLEMENTATIONS[self.impl](x, self.units, self.update)
+        return IMPLEMENTATIONS[self.impl](x, self.units, self.update, **self.impl_options)
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, segments={self.segments}, width={self.width}, "
             f"update={self.update}, impl={self.impl}"
+            + "".join(f", {k}={v}" for k, v in self.impl_options.items())
         )
 
 

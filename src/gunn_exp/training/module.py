@@ -66,7 +66,7 @@ class ClassificationModule(pl.LightningModule):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:
-            # Regional, in place: GUNN units/layers compiled once per shape, state_dict keys kept.
+            # Regional, in place: G_i compiled once per stage shape, state_dict keys kept.
             compile_regions(self.model, mode=compile_mode)
         # One metric object per stage and k: Lightning resets and syncs them at epoch end.
         self.errors = nn.ModuleDict(
