@@ -1,24 +1,42 @@
-"""Shared fixtures: the repo root, a real `train.py` runner, CIFAR files in the real format."""
+"""Shared fixtures: the repo root, a real `train.py` runner, the entry points' work run in this
+process, one trained digits run per session, CIFAR files in the real format.
+
+A subprocess pays ~5 s of imports (torch, Lightning) before it does anything: tests run an entry
+point as a subprocess where the script itself is under test (its exit status, its output), and
+otherwise do its work in this process (`train_here`, `exit_status`, `run_tool`). torch and
+Lightning are imported where used: pytest-xdist's controller loads this file and runs no test.
+"""
 
 from __future__ import annotations
 
+import functools
+import io
+import logging
 import os
 import pickle
+import runpy
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
-import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from gunn_exp import cli
+from gunn_exp.config import validate_config
 from gunn_exp.training.schedules import register_resolvers
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +53,8 @@ RUN_ENV = {
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     """A CPU Trainer with no logger, progress bar or model summary: in-process tests of hooks."""
+    import pytorch_lightning as pl
+
     return pl.Trainer(
         accelerator="cpu",
         logger=False,
@@ -48,10 +68,28 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 def _one_thread():
     """Tests use tiny tensors: one thread avoids OpenMP hand-offs that dominate on 2 shared cores
     (subprocesses get the same through OMP_NUM_THREADS in RUN_ENV)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The generic builder (`gunn`) needs an architecture; every other registered name is complete.
+MODEL_EXTRA = {"gunn": {"widths": (8, 12), "segments": (2, 3), "head_width": 16}}
+
+
+@functools.cache
+def registered_model(name: str) -> nn.Module:
+    """Registered model `name` (seed 0), built once per session for the model-zoo tests
+    (test_models, test_timm_conventions; the big ones take ~1 s each): tests work on a copy."""
+    import torch
+
+    from gunn_exp.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(name, **MODEL_EXTRA.get(name, {}))
 
 
 def compose_config(
@@ -120,6 +158,77 @@ def run_train(tmp_path: Path) -> Callable[..., tuple[subprocess.CompletedProcess
         return proc, run_dir
 
     return run
+
+
+def train_here(run_dir: Path, *overrides: str) -> dict[str, Any]:
+    """What `train.py <overrides> hydra.run.dir=<run_dir>` does, in this process: the config check
+    before torch loads, then train(cfg); its results."""
+    from gunn_exp.training.train import train
+
+    cfg = compose_train(*overrides, "print_config=false", output_dir=run_dir)
+    validate_config(cfg, registry=False)
+    return train(cfg)
+
+
+def exit_status(work: Callable[[], object]) -> tuple[int, str]:
+    """(exit status, stderr) of an entry point whose `work` stops on an error, in this process:
+    the root scripts end through cli.exits_on_error, which maps the error to both."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as exited, redirect_stderr(stderr), cli.exits_on_error():
+        work()
+    return exited.value.code, stderr.getvalue()
+
+
+def run_tool(script: str, *args: str) -> tuple[int, str, str]:
+    """`python <script> <args>` for an argparse tool (classify.py, features.py, export.py), in this
+    process: (exit status, stdout, stderr). Its log lines go to pytest's capture (caplog)."""
+    main = runpy.run_path(str(ROOT / script))["main"]  # not run as __main__: defines main only
+    saved = sys.argv, os.environ.get("PROJECT_ROOT"), logging.getLogger("gunn_exp").level
+    sys.argv = [str(ROOT / script), *args]
+    os.environ["PROJECT_ROOT"] = str(ROOT)  # what cli.prepare would set, undone below
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            try:
+                code = cli.run(main)
+            except SystemExit as stop:  # cli.run's exit on a user-facing error, argparse's
+                code = stop.code
+    finally:
+        sys.argv = saved[0]
+        if saved[1] is None:
+            os.environ.pop("PROJECT_ROOT", None)
+        else:
+            os.environ["PROJECT_ROOT"] = saved[1]
+        logging.getLogger("gunn_exp").setLevel(saved[2])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """`train.py experiment=digits debug=tiny` (2 epochs) as a user runs it, once per session
+    (xdist workers share it): its stdout and its run directory. Read-only: a test that writes
+    into a run works on `copy_run`'s copy."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above the workers' own
+    run_dir, stdout = shared / "digits_run", shared / "digits_run.stdout"
+    with FileLock(str(shared / "digits_run.lock")):  # the first worker trains, the others wait
+        if not stdout.is_file():
+            proc = run_entry(
+                "train.py",
+                "experiment=digits",
+                "debug=tiny",
+                f"hydra.run.dir={run_dir}",
+                "print_config=false",
+            )
+            stdout.write_text(proc.stdout)
+    return stdout.read_text(), run_dir
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a finished run directory (a few MB), to write into (eval outputs, ...)."""
+    shutil.copytree(run_dir, dest)
+    return dest
 
 
 def write_cifar(root: Path, name: str = "cifar10", n_train: int = 40, n_test: int = 20) -> Path:

@@ -41,14 +41,10 @@ def assert_one_ddp_run(run_dir: Path) -> None:
     assert {k: saved[k] for k in ranks[0]} == ranks[0]
 
 
-def test_ddp_run_has_one_run_directory_and_equal_ranks(run_train, tmp_path: Path) -> None:
-    _, run_dir = run_train(*DDP)
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    assert len(list(run_dir.rglob("results.json"))) == 1
-    assert_one_ddp_run(run_dir)
-
-
 def test_ddp_inside_multirun_runs_each_job_once(tmp_path: Path) -> None:
+    """Each job of a DDP multirun runs as a single DDP run (`train.py <job overrides>
+    hydra.run.dir=<job dir>`, launch.run_job_as_single_run), so this also checks a single DDP run:
+    one run directory, one results.json, equal ranks."""
     sweep = tmp_path / "sweep"
     run_entry(
         "train.py", "-m", *DDP, "trainer.max_epochs=1", "seed=1,2", f"hydra.sweep.dir={sweep}"
@@ -57,6 +53,7 @@ def test_ddp_inside_multirun_runs_each_job_once(tmp_path: Path) -> None:
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0_gunn_mini_digits", "1_gunn_mini_digits"]
     for job in jobs:
+        assert len(list(job.rglob("results.json"))) == 1
         assert_one_ddp_run(job)
     seeds = [json.loads((job / "results.json").read_text())["seed"] for job in jobs]
     assert seeds == [1, 2]

@@ -1,5 +1,7 @@
 """export.py: the TorchScript and ONNX files give the trained model's outputs on CPU; the plain
-weights (safetensors + config.json) load in gunn-exp and timm."""
+weights (safetensors + config.json) load in gunn-exp and timm. Both exports are of the session's
+tiny digits run; the TorchScript/ONNX one runs export.py in this process (conftest.run_tool), the
+safetensors one as a real subprocess."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from conftest import run_entry
+from conftest import run_entry, run_tool
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
-from test_inference import digits_run_dir
 
 import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN implementations)
 from gunn_exp.inference.export import export_run
@@ -29,12 +30,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def exported(digits_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(run directory, export folder) of the session's tiny digits run."""
-    run_dir = digits_run_dir(tmp_path_factory)
+    run_dir = digits_run[1]
     out = tmp_path_factory.mktemp("export")
-    proc = run_entry("export.py", str(run_dir), "--out", str(out))
-    assert "model.onnx: max |logit difference|" in proc.stdout
+    code, stdout, _ = run_tool("export.py", str(run_dir), "--out", str(out))
+    assert code == 0 and "model.onnx: max |logit difference|" in stdout
     return run_dir, out
 
 
@@ -96,9 +97,9 @@ def test_a_model_with_a_memory_light_gunn_implementation_exports(
 
 
 @pytest.fixture(scope="module")
-def plain_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def plain_weights(digits_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(run directory, folder) of `export.py --format safetensors` on the digits run."""
-    run_dir = digits_run_dir(tmp_path_factory)
+    run_dir = digits_run[1]
     out = tmp_path_factory.mktemp("plain")
     proc = run_entry("export.py", str(run_dir), "--out", str(out), "--format", "safetensors")
     assert "model.safetensors: max |logit difference|" in proc.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import RUN_ENV, quiet_trainer
+from conftest import RUN_ENV, exit_status, quiet_trainer, train_here
 from signal_at import SignalAt
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,19 +70,22 @@ def test_sigkill_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path) 
     assert torch.all(ckpt["state_dict"]["w"] == ckpt["i"])
 
 
-def test_non_finite_loss_stops_with_the_last_good_checkpoint(run_train) -> None:
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path) -> None:
     # lr x1e30 after the first epoch: the second epoch diverges.
-    proc, run_dir = run_train(
-        *TINY,
-        "trainer.max_epochs=3",
-        "scheduler=multistep",
-        "scheduler.milestones=[1]",
-        "scheduler.gamma=1e30",
-        check=False,
+    run_dir = tmp_path / "run"
+    code, stderr = exit_status(
+        lambda: train_here(
+            run_dir,
+            *TINY,
+            "trainer.max_epochs=3",
+            "scheduler=multistep",
+            "scheduler.milestones=[1]",
+            "scheduler.gamma=1e30",
+        )
     )
-    assert proc.returncode == 1
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("stopped:")]
-    assert len(lines) == 1 and "non-finite training loss" in lines[0], proc.stderr[-2000:]
+    assert code == 1
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("stopped:")]
+    assert len(lines) == 1 and "non-finite training loss" in lines[0], stderr[-2000:]
     assert str(run_dir / "checkpoints/last.ckpt") in lines[0]
     ckpt = load_checkpoint(run_dir / "checkpoints/last.ckpt")
     assert ckpt["epoch"] == 0  # the end of the first (good) epoch
@@ -91,13 +94,13 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(run_train) -> None:
     assert not (run_dir / "results.json").exists()
 
 
-def test_corrupt_checkpoint_is_refused_in_one_line(run_train, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.ckpt"
+def test_corrupt_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    bad, run_dir = tmp_path / "bad.ckpt", tmp_path / "run"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    proc, run_dir = run_train(*TINY, f"ckpt_path={bad}", check=False)
-    assert proc.returncode == 2  # bad input, as in every entry point (errors.exit_code)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: checkpoint")]
-    assert len(lines) == 1 and "corrupt" in lines[0] and str(bad) in lines[0], proc.stderr[-2000:]
+    code, stderr = exit_status(lambda: train_here(run_dir, *TINY, f"ckpt_path={bad}"))
+    assert code == 2  # bad input, as in every entry point (errors.exit_code)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: checkpoint")]
+    assert len(lines) == 1 and "corrupt" in lines[0] and str(bad) in lines[0], stderr[-2000:]
     assert not (run_dir / "config.yaml").exists()  # refused before writing anything
 
 

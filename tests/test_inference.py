@@ -1,17 +1,28 @@
 """Using a finished run: eval.py, classify.py, features.py, fine-tuning with init_from, and the
-refusals (unreadable images, checkpoints of another model). One tiny digits run serves them all."""
+refusals (unreadable images, checkpoints of another model). The session's tiny digits run serves
+them all (a copy: eval writes into it). The scripts run in this process (conftest.run_tool,
+exit_status); eval.py as a subprocess is test_template's train-then-eval, and each script's route
+to exit 2 is test_bad_input's."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import cifar10_overrides, compose_config, run_entry
+from conftest import (
+    cifar10_overrides,
+    compose_config,
+    copy_run,
+    exit_status,
+    run_tool,
+    train_here,
+)
 from hydra.utils import instantiate
 from PIL import Image
 from sklearn.datasets import load_digits
@@ -27,27 +38,10 @@ from gunn_exp.models import create_model
 DIGITS = 3  # images written as PNG files for classify/features
 
 
-def digits_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished `experiment=digits debug=tiny` run, trained once per session (also used by
-    test_export.py): the session's base temp folder caches it."""
-    run_dir = tmp_path_factory.getbasetemp() / "digits_run"
-    if not (run_dir / "results.json").is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        # One epoch: last.ckpt then holds the final weights, which train.py tests.
-        run_entry(
-            "train.py",
-            "experiment=digits",
-            "debug=tiny",
-            "trainer.max_epochs=1",
-            f"hydra.run.dir={run_dir}",
-            "print_config=false",
-        )
-    return run_dir
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run_dir(tmp_path_factory)
+def run_dir(digits_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's `train.py experiment=digits debug=tiny` run (2 epochs)."""
+    return copy_run(digits_run[1], tmp_path_factory.mktemp("inference") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +70,8 @@ def read_csv(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
-def test_eval_last_reproduces_the_training_test_error(run_dir: Path) -> None:
-    # debug=tiny tested the final weights (= last.ckpt) on the first 2 test batches.
-    proc = run_entry("eval.py", f"run_dir={run_dir}", "ckpt=last", "limit_batches=2")
-    trained = json.loads((run_dir / "results.json").read_text())
-    out = run_dir / "eval" / "last_first2"
-    results = json.loads((out / "results.json").read_text())
-    assert results["err1"] == pytest.approx(trained["test_err1"], abs=1e-3)
-    assert results["err5"] == pytest.approx(trained["test_err5"], abs=1e-3)
-    assert results["images"] == 128 and results["epoch"] == 1
-    assert "top-1 error" in proc.stdout + proc.stderr
-
-
 def test_eval_best_writes_confusion_matrix_and_per_class_error(run_dir: Path) -> None:
-    run_entry("eval.py", f"run_dir={run_dir}")
+    evaluate(compose_config("eval", f"run_dir={run_dir}"))  # eval.py run_dir=<run>
     out = run_dir / "eval" / "best"
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 360 and results["data"] == "digits"  # the whole test split
@@ -107,8 +89,8 @@ def test_eval_best_writes_confusion_matrix_and_per_class_error(run_dir: Path) ->
 
 def test_eval_on_other_data_with_the_same_classes(run_dir: Path, cifar_root: Path) -> None:
     # data=<name> replaces the run's data config; the digits model reads 3-channel images.
-    run_entry(
-        "eval.py",
+    cfg = compose_config(
+        "eval",
         f"run_dir={run_dir}",
         "data=cifar10",
         f"paths.data_dir={cifar_root}",
@@ -116,6 +98,7 @@ def test_eval_on_other_data_with_the_same_classes(run_dir: Path, cifar_root: Pat
         "data.verify_checksums=false",
         "num_workers=0",
     )
+    evaluate(cfg)
     results = json.loads((run_dir / "eval" / "best_cifar10" / "results.json").read_text())
     assert results["data"] == "cifar10" and results["images"] == 20
 
@@ -125,7 +108,7 @@ def test_eval_on_other_data_with_the_same_classes(run_dir: Path, cifar_root: Pat
     [("data=cifar100", "has 100 classes but the model"), ("ten_crop=true", "ten_crop=true")],
 )
 def test_eval_refuses_data_that_cannot_work(run_dir: Path, override: str, message: str) -> None:
-    # In-process to save a subprocess; the CLI's error path is tested below.
+    # The exit status and line of such an error: the checkpoint test below.
     cfg = compose_config("eval", f"run_dir={run_dir}", override)
     with pytest.raises(ConfigError, match=message):
         evaluate(cfg)
@@ -133,22 +116,28 @@ def test_eval_refuses_data_that_cannot_work(run_dir: Path, override: str, messag
 
 def test_eval_refuses_a_checkpoint_of_another_model(run_dir: Path, tmp_path: Path) -> None:
     ckpt = foreign_checkpoint(tmp_path / "other.ckpt")
-    proc = run_entry("eval.py", f"run_dir={run_dir}", f"ckpt={ckpt}", check=False)
-    assert proc.returncode == 2
-    error = proc.stderr.strip().splitlines()[-1]
+    code, stderr = exit_status(  # eval.py run_dir=... ckpt=<other.ckpt>
+        lambda: evaluate(compose_config("eval", f"run_dir={run_dir}", f"ckpt={ckpt}"))
+    )
+    assert code == 2
+    error = stderr.strip().splitlines()[-1]
     assert error.startswith("error: checkpoint") and "does not match model gunn_mini" in error
     assert "stem.0.weight [16, 3, 3, 3] in the checkpoint vs [32, 3, 3, 3] in the model" in error
 
 
-def test_classify_prints_top5_and_skips_an_unreadable_file(run_dir: Path, image_dir: Path) -> None:
-    proc = run_entry("classify.py", str(run_dir), str(image_dir))
-    lines = proc.stdout.splitlines()
+def test_classify_prints_top5_and_skips_an_unreadable_file(
+    run_dir: Path, image_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    code, stdout, stderr = run_tool("classify.py", str(run_dir), str(image_dir))
+    assert code == 0
+    stderr += caplog.text  # the skipped file is logged (to stderr when run as a script)
+    lines = stdout.splitlines()
     names = [line for line in lines if not line.startswith(" ")]
     assert names == sorted(p.name for p in image_dir.glob("digit*.png"))
     ranks = [line.split() for line in lines if line.startswith(" ")]
     assert len(ranks) == 5 * DIGITS and all(r[1] in "0123456789" for r in ranks)
-    assert "broken.png" in proc.stderr and "notes.txt" not in proc.stdout + proc.stderr
-    assert "3 image(s) classified" in proc.stderr and "1 skipped" in proc.stderr
+    assert "broken.png" in stderr and "notes.txt" not in stdout + stderr
+    assert "3 image(s) classified" in stderr and "1 skipped" in stderr
 
 
 def test_classify_skips_every_unreadable_file(run_dir: Path, image_dir: Path) -> None:
@@ -175,7 +164,8 @@ def test_preprocessing_of_an_image_file_matches_the_training_pipeline(
 
 def test_features_to_npy_with_names(run_dir: Path, image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "feats.npy"
-    run_entry("features.py", str(run_dir), str(image_dir), "-o", str(out))
+    code, _, _ = run_tool("features.py", str(run_dir), str(image_dir), "-o", str(out))
+    assert code == 0
     features = np.load(out)
     names = (tmp_path / "feats.names.txt").read_text().splitlines()
     assert names == sorted(p.name for p in image_dir.glob("digit*.png"))
@@ -187,18 +177,16 @@ def test_features_to_npy_with_names(run_dir: Path, image_dir: Path, tmp_path: Pa
     np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
 
 
-def test_finetune_digits_to_cifar10(run_dir: Path, cifar_root: Path, tmp_path: Path) -> None:
+def test_finetune_digits_to_cifar10(
+    run_dir: Path, cifar_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     ckpt = run_dir / "checkpoints" / "best.ckpt"
-    proc = run_entry(
-        "train.py",
-        "model=gunn_mini",
-        *cifar10_overrides(cifar_root),
-        f"init_from={ckpt}",
-        "debug=tiny",
-        f"hydra.run.dir={tmp_path}",
-        "print_config=false",
-    )
-    assert f"init_from {ckpt}:" in proc.stdout + proc.stderr
+    with caplog.at_level(logging.INFO, logger="gunn_exp"):
+        train_here(
+            tmp_path, "model=gunn_mini", *cifar10_overrides(cifar_root), f"init_from={ckpt}",
+            "debug=tiny",
+        )  # fmt: skip
+    assert f"init_from {ckpt}:" in caplog.text
     assert json.loads((tmp_path / "results.json").read_text())["data"] == "cifar10"
     assert json.loads((tmp_path / "classes.json").read_text())[0] == "class0"
 

@@ -12,15 +12,14 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import MODEL_EXTRA, compose_train, registered_model
 from hydra.utils import instantiate
 from torch import nn
 
 from gunn_exp.models import Gunn, GunnUnit, create_model, list_models
 from gunn_exp.models.resnet_cifar import ResNetCifar
 
-# The generic builder needs an architecture; every other name is complete on its own.
-EXTRA = {"gunn": {"widths": (8, 12), "segments": (2, 3), "head_width": 16}}
+EXTRA = MODEL_EXTRA  # the generic builder's architecture
 
 PARAMS = [  # docs/SPEC.md §2, to the unit
     ("gunn15", 10, 1_585_746),
@@ -53,9 +52,8 @@ def small_batch(model: nn.Module, for_gradients: bool = False) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=list_models())
 def registered(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
-    """Each registered model, built once per module (tests that change it work on a copy)."""
-    torch.manual_seed(0)
-    return request.param, create_model(request.param, **EXTRA.get(request.param, {}))
+    """Each registered model, built once per session (tests that change it work on a copy)."""
+    return request.param, registered_model(request.param)
 
 
 @pytest.mark.parametrize(("name", "num_classes", "expected"), PARAMS)

@@ -1,10 +1,14 @@
 """Exact resume: a run stopped (after an epoch, or by SIGTERM mid-epoch) and resumed gives the
-numbers of an uninterrupted run; `ckpt_path=last|auto` and the wandb run id."""
+numbers of an uninterrupted run; `ckpt_path=last|auto` and the wandb run id.
+
+Runs train in this process (conftest.train_here; the run sends itself the signal): train.py's route
+from an error to its exit status and one line is test_bad_input's."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -13,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, RUN_ENV, cifar10_overrides, compose_train, run_entry, write_cifar
+from conftest import (
+    ROOT,
+    RUN_ENV,
+    cifar10_overrides,
+    compose_train,
+    exit_status,
+    train_here,
+    write_cifar,
+)
 
 from gunn_exp.errors import CheckpointError
 from gunn_exp.rundir import WANDB_ID as WANDB_ID_FILE
@@ -39,8 +51,9 @@ RESULTS = (
 )  # fmt: skip
 
 
-def train(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run_entry("train.py", *RUN, f"hydra.run.dir={run_dir}", *overrides, check=check)
+def train(run_dir: Path, *overrides: str) -> dict:
+    """`train.py <RUN> <overrides>` into `run_dir`, in this process."""
+    return train_here(run_dir, *RUN, *overrides)
 
 
 def metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -60,13 +73,16 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_two_epochs_resumed_to_four_equal_four_epochs(uninterrupted: Path, tmp_path: Path) -> None:
+def test_two_epochs_resumed_to_four_equal_four_epochs(
+    uninterrupted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     train(run_dir, "trainer.max_epochs=2")
     assert [r["epoch"] for r in metrics(run_dir)] == ["1", "2"]
     # A longer run than the one resumed: a change of the training config, on purpose.
-    proc = train(run_dir, "trainer.max_epochs=4", "ckpt_path=last", "allow_config_change=true")
-    assert "resuming from" in proc.stdout + proc.stderr
+    with caplog.at_level(logging.INFO, logger="gunn_exp"):
+        train(run_dir, "trainer.max_epochs=4", "ckpt_path=last", "allow_config_change=true")
+    assert "resuming from" in caplog.text
     assert metrics(run_dir) == metrics(uninterrupted)  # every column of every epoch
     assert results(run_dir) == results(uninterrupted)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -75,17 +91,15 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(uninterrupted: Path, tmp_p
 def stop_in_epoch_2(run_dir: Path, *overrides: str) -> tuple[int, str]:
     """A 4-epoch run that gets SIGTERM after batch 3 of epoch 2 (sent by the run itself, so the
     moment does not depend on the machine's speed); (exit status, stderr)."""
-    proc = train(
-        run_dir,
+    stop = (
         "trainer.max_epochs=4",
         *overrides,
         "+callbacks.signal_at._target_=signal_at.SignalAt",
         f"+callbacks.signal_at.signum={int(signal.SIGTERM)}",
         "+callbacks.signal_at.epoch=1",
         "+callbacks.signal_at.batch=2",
-        check=False,
     )
-    return proc.returncode, proc.stderr
+    return exit_status(lambda: train(run_dir, *stop))
 
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(
@@ -140,10 +154,10 @@ def test_on_device_loader_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
 
 
 def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
-    proc = train(tmp_path / "run", "ckpt_path=last", check=False)
-    assert proc.returncode == 2  # bad input, as in every entry point (errors.exit_code)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ckpt_path=last")]
-    assert len(lines) == 1 and "hydra.run.dir=" in lines[0], proc.stderr[-2000:]
+    code, stderr = exit_status(lambda: train(tmp_path / "run", "ckpt_path=last"))
+    assert code == 2  # bad input, as in every entry point (errors.exit_code)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error: ckpt_path=last")]
+    assert len(lines) == 1 and "hydra.run.dir=" in lines[0], stderr[-2000:]
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, RUN_ENV, compose_train, quiet_trainer
+from conftest import ROOT, RUN_ENV, compose_train, exit_status, quiet_trainer, train_here
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,8 +33,8 @@ register_resolvers()
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
 
 
-def error_lines(proc: subprocess.CompletedProcess[str], prefix: str = "error:") -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
+def error_lines(stderr: str, prefix: str = "error:") -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
 
 
 # --- DDP + wandb --------------------------------------------------------------------------------
@@ -76,12 +76,15 @@ def test_ddp_run_with_wandb_offline_records_config_metrics_and_curves(tmp_path: 
 # --- strategies that train in child processes ---------------------------------------------------
 
 
-def test_ddp_spawn_is_refused_before_training(run_train) -> None:
-    proc, run_dir = run_train(*TINY, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn", check=False)
-    assert proc.returncode == 2
-    (line,) = error_lines(proc)
+def test_ddp_spawn_is_refused_before_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, stderr = exit_status(
+        lambda: train_here(run_dir, *TINY, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn")
+    )
+    assert code == 2
+    (line,) = error_lines(stderr)
     assert "trainer.strategy=ddp_spawn" in line and "trainer.strategy=ddp" in line
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
     assert not (run_dir / "results.json").exists() and not (run_dir / "metrics.csv").exists()
 
 
@@ -151,13 +154,17 @@ def test_config_history_never_overwrites_the_first(tmp_path: Path) -> None:
     assert OmegaConf.load(rundir.latest_config(tmp_path)).trainer.max_epochs == 30
 
 
-def test_resume_as_another_model_is_refused_and_keeps_the_record(run_train) -> None:
-    _, run_dir = run_train(*TINY, "trainer.max_epochs=1")
+def test_resume_as_another_model_is_refused_and_keeps_the_record(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_here(run_dir, *TINY, "trainer.max_epochs=1")
     config = (run_dir / "config.yaml").read_text()
-    proc, _ = run_train(*TINY, "trainer.max_epochs=1", "model=sunn_mini", "ckpt_path=last",
-                        check=False)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    (line,) = error_lines(proc)
+    code, stderr = exit_status(
+        lambda: train_here(
+            run_dir, *TINY, "trainer.max_epochs=1", "model=sunn_mini", "ckpt_path=last"
+        )
+    )
+    assert code == 2, stderr[-2000:]
+    (line,) = error_lines(stderr)
     assert "'gunn_mini'" in line and "'sunn_mini'" in line and "allow_config_change" in line
     assert (run_dir / "config.yaml").read_text() == config
     assert rundir.config_history(run_dir) == [run_dir / "config.yaml"]
@@ -194,13 +201,13 @@ def hold_lock(run_dir: Path, pid: int, host: str | None = None, job: str = "") -
     return lock
 
 
-def test_second_run_into_a_locked_run_directory_is_refused(run_train, tmp_path: Path,
+def test_second_run_into_a_locked_run_directory_is_refused(tmp_path: Path,
                                                           live_process: int) -> None:  # fmt: skip
     run_dir = tmp_path / "run"
-    lock = hold_lock(run_dir, live_process)
-    proc, _ = run_train(*TINY, check=False)
-    assert proc.returncode == 2
-    (line,) = error_lines(proc)
+    lock = hold_lock(run_dir, live_process)  # a process that is not this one's parent
+    code, stderr = exit_status(lambda: train_here(run_dir, *TINY))
+    assert code == 2
+    (line,) = error_lines(stderr)
     assert f"in use by process {live_process}" in line and str(lock) in line
     assert not (run_dir / "config.yaml").exists() and lock.read_text().split()[0] == str(
         live_process
@@ -280,33 +287,27 @@ def _raise_from_enospc(f: object) -> None:
         raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from None
 
 
-# train.py with torch.save failing for lack of space from the second epoch's checkpoints on.
-FULL_FROM_EPOCH_2 = """
-import errno, runpy, sys, torch
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    if isinstance(obj, dict) and obj.get("epoch", 0) >= 1:
-        raise OSError(errno.ENOSPC, "No space left on device")
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+def test_full_disk_stops_the_run_in_one_line_naming_the_intact_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch.save fails for lack of space from the second epoch's checkpoints on.
+    real_save = torch.save
 
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if isinstance(obj, dict) and obj.get("epoch", 0) >= 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
 
-def test_full_disk_stops_the_run_in_one_line_naming_the_intact_checkpoint(tmp_path: Path) -> None:
+    monkeypatch.setattr(torch, "save", save)
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-c", FULL_FROM_EPOCH_2, str(ROOT / "train.py"), *TINY,
-         "trainer.max_epochs=3", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=RUN_ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    (line,) = error_lines(proc, "stopped:")
+    code, stderr = exit_status(lambda: train_here(run_dir, *TINY, "trainer.max_epochs=3"))
+    monkeypatch.undo()
+    assert code == 1, stderr[-3000:]
+    (line,) = error_lines(stderr, "stopped:")
     last = run_dir / "checkpoints" / "last.ckpt"
     assert line.startswith(f"stopped: disk full while writing {run_dir / 'checkpoints'}")
     assert f"{last} is intact (saved in epoch 1, step 3)" in line and "ckpt_path=last" in line
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
     assert load_checkpoint(last)["epoch"] == 0
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 

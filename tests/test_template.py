@@ -1,23 +1,36 @@
 """lightning-hydra-template's test scenarios, driving our entry points as its users would:
 fast_dev_run, a double validation loop, resume, train-then-eval by checkpoint path, every
 experiment config under fast_dev_run, Hydra and Optuna sweeps with and without DDP, and the same
-with wandb offline. The slow ones run with `make test-slow`."""
+with wandb offline. The slow ones run with `make test-slow`. Fast ones whose script is not what
+they check train in this process (conftest.train_here); train-then-eval runs eval.py itself."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, RUN_ENV, compose_config, run_entry, write_cifar
+from conftest import (
+    ROOT,
+    RUN_ENV,
+    compose_config,
+    compose_train,
+    copy_run,
+    exit_status,
+    run_entry,
+    train_here,
+    write_cifar,
+)
 from PIL import Image
 from wandb_records import read_offline_run
 
 from gunn_exp import rundir
+from gunn_exp.training.train import train
 
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
 WANDB_OFFLINE = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -45,22 +58,28 @@ def train_entry(*overrides: str, env: dict[str, str] | None = None, check: bool 
 # --- fast ---------------------------------------------------------------------------------------
 
 
-def test_train_fast_dev_run(run_train) -> None:
-    _, run_dir = run_train("experiment=digits", "debug=fast_dev_run")
+def test_train_fast_dev_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_here(run_dir, "experiment=digits", "debug=fast_dev_run")
     saved = results(run_dir)
     assert saved["epochs"] == 1 and saved["test_err1"] is not None
     assert not (run_dir / "checkpoints").exists()  # fast_dev_run writes no checkpoint
 
 
-def test_train_then_eval_by_checkpoint_path(run_train) -> None:
-    _, run_dir = run_train(*TINY, "trainer.max_epochs=1")
+def test_train_then_eval_by_checkpoint_path(digits_run, tmp_path: Path) -> None:
+    # The session's `train.py experiment=digits debug=tiny` run (2 epochs); eval writes into it.
+    run_dir = copy_run(digits_run[1], tmp_path / "run")
     last = rundir.checkpoint(run_dir, rundir.LAST)
     # No run_dir: found from the checkpoint's place. The 2 test batches debug=tiny tested.
-    run_entry("eval.py", f"ckpt_path={last}", "limit_batches=2")
+    proc = run_entry("eval.py", f"ckpt_path={last}", "limit_batches=2")
+    assert "top-1 error" in proc.stdout + proc.stderr
     evaluated = json.loads((run_dir / "eval" / "last_first2" / rundir.RESULTS).read_text())
     assert evaluated["checkpoint"] == str(last) and evaluated["run_dir"] == str(run_dir)
+    assert evaluated["images"] == 128 and evaluated["epoch"] == 2  # 2 batches of 64, epoch 2
     # last.ckpt holds the final weights, which train.py tested on the same test batches.
-    assert evaluated["err1"] == pytest.approx(results(run_dir)["test_err1"], abs=1e-3)
+    trained = results(run_dir)
+    assert evaluated["err1"] == pytest.approx(trained["test_err1"], abs=1e-3)
+    assert evaluated["err5"] == pytest.approx(trained["test_err5"], abs=1e-3)
 
 
 def test_eval_without_run_dir_or_ckpt_path_names_both(tmp_path: Path) -> None:
@@ -73,28 +92,38 @@ def test_eval_without_run_dir_or_ckpt_path_names_both(tmp_path: Path) -> None:
 
 
 def test_multirun_with_the_default_tags_stops_with_a_hint(tmp_path: Path) -> None:
-    proc = run_entry(
-        "train.py", "-m", "data=digits", "model=gunn_mini", "debug=tiny", "seed=1,2",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    # A job of `train.py -m data=digits model=gunn_mini debug=tiny seed=1,2`, in this process:
+    # `-m` is Hydra's multirun mode (real multiruns: the extras test below, test_ddp, test_report).
+    overrides = ("data=digits", "model=gunn_mini", "debug=tiny", "seed=1", "hydra.mode=MULTIRUN")
+    try:
+        code, stderr = exit_status(lambda: train_here(tmp_path / "sweep" / "0", *overrides))
+    finally:
+        compose_train()  # HydraConfig back to a single run for the tests that follow
+    assert code == 2
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "tags=['dev'] in a multirun" in lines[0] and "tags=[" in lines[0]
     assert not list(tmp_path.rglob(rundir.RESULTS))
 
 
-def test_template_extras_switches(tmp_path: Path) -> None:
+def test_template_extras_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`extras.enforce_tags=false` lets a [dev]-tagged sweep run; `extras.print_config=false` drops
-    the config tree; `extras.ignore_warnings=true` silences Python warnings."""
-    proc = run_entry(
-        "train.py", "-m", "data=digits", "model=gunn_mini", "debug=tiny", "seed=1",
-        "trainer.max_epochs=1", "extras.enforce_tags=false", "extras.print_config=false",
-        "extras.ignore_warnings=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    the config tree; `extras.ignore_warnings=true` silences Python warnings. A job of `train.py -m
+    data=digits model=gunn_mini ...`, in this process: here a warning would be seen (a subprocess
+    runs with PYTHONWARNINGS=ignore), and train(cfg) is where all three switches act."""
+    cfg = compose_train(
+        "data=digits", "model=gunn_mini", "debug=tiny", "seed=1", "trainer.max_epochs=1",
+        "extras.enforce_tags=false", "extras.print_config=false", "extras.ignore_warnings=true",
+        "hydra.mode=MULTIRUN", output_dir=tmp_path / "sweep" / "0",
     )  # fmt: skip
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every warning recorded, unless train() silences it
+            train(cfg)
+    finally:
+        compose_train()  # HydraConfig back to a single run for the tests that follow
     assert len(list(tmp_path.rglob(rundir.RESULTS))) == 1
-    output = proc.stdout + proc.stderr
-    assert "optimizer" not in output.split("model gunn_mini")[0]  # no config tree before the run
-    assert "Warning" not in output
+    assert "optimizer" not in capsys.readouterr().out  # no config tree
+    assert not caught, [str(w.message) for w in caught]
 
 
 # --- slow: the rest of the template's scenarios --------------------------------------------------

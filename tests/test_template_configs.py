@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_train
+from conftest import compose_train, train_here
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning import Trainer
@@ -99,15 +99,13 @@ def test_mlflow_tracking_uri_is_a_setting(uri: str, tmp_path: Path) -> None:
     assert isinstance(logger, MLFlowLogger) and logger._tracking_uri == uri
 
 
-def test_many_loggers_are_read_back_by_their_libraries(run_train, tmp_path: Path) -> None:
+def test_many_loggers_are_read_back_by_their_libraries(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    logs = tmp_path / "logs"
-    _, run_dir = run_train(
-        "experiment=digits", "debug=tiny", "logger=many", f"paths.log_dir={logs}", timeout=600
-    )
+    logs, run_dir = tmp_path / "logs", tmp_path / "run"
+    train_here(run_dir, "experiment=digits", "debug=tiny", "logger=many", f"paths.log_dir={logs}")
     epochs = json.loads((run_dir / "results.json").read_text())["epochs"]
     assert epochs == 2 and len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + epochs
     assert not (run_dir / "csv").exists()  # logger=csv is metrics.csv: no second, step-level CSV
@@ -133,8 +131,10 @@ def test_many_loggers_are_read_back_by_their_libraries(run_train, tmp_path: Path
     assert (logs / "mlflow" / "mlruns").is_dir()  # artifacts beside the store, not in the cwd
 
 
-def test_profiler_run_with_composed_callbacks(run_train) -> None:
-    proc, run_dir = run_train(
+def test_profiler_run_with_composed_callbacks(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train_here(
+        run_dir,
         "experiment=digits",
         "debug=profiler",
         "callbacks=[default,early_stopping,rich_progress_bar]",

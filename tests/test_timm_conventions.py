@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODEL_EXTRA, registered_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -23,8 +24,7 @@ from gunn_exp.models.gunn import symbolic_trace
 from gunn_exp.models.layer import DEFAULT_IMPL
 from gunn_exp.models.registry import FeatureExtractor, pretrained_cfgs, resolve_pretrained_cfg
 
-# The generic builder needs an architecture; every other name is complete on its own.
-EXTRA = {"gunn": {"widths": (8, 12), "segments": (2, 3), "head_width": 16}}
+EXTRA = MODEL_EXTRA  # the generic builder's architecture
 # torch.export traces every segment of every GUNN layer: minutes for these, seconds for the rest.
 SLOW_EXPORT = {"gunn15", "sunn15", "gunn24", "sunn24", "gunn18", "sunn18", "wide_gunn18",
                "wide_sunn18"}  # fmt: skip
@@ -45,9 +45,8 @@ def tiny_batch(model: nn.Module, n: int = 2, imagenet_size: int = 32) -> torch.T
 
 @pytest.fixture(scope="module", params=list_models())
 def registered(request: pytest.FixtureRequest) -> tuple[str, nn.Module]:
-    """Each registered model, built once per module (tests that change it work on a copy)."""
-    torch.manual_seed(0)
-    return request.param, create_model(request.param, **EXTRA.get(request.param, {}))
+    """Each registered model, built once per session (tests that change it work on a copy)."""
+    return request.param, registered_model(request.param)
 
 
 def test_default_cfg(registered: tuple[str, nn.Module]) -> None:
@@ -75,18 +74,6 @@ def test_cifar100_tag(name: str) -> None:
     cfg = resolve_pretrained_cfg(f"{name}.cifar100")
     assert cfg["num_classes"] == 100 and (cfg["mean"], cfg["std"]) == cifar_stats("cifar100")
     assert resolve_pretrained_cfg(name, pretrained_cfg="cifar100") == cfg
-
-
-def test_fresh_model_forward_backward_finite_in_train_mode(
-    registered: tuple[str, nn.Module],
-) -> None:
-    _, model = registered
-    model = copy.deepcopy(model).train()
-    out = model(tiny_batch(model))
-    assert out.shape == (2, model.num_classes)
-    assert torch.isfinite(out).all()
-    out.square().mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_classifier_api(registered: tuple[str, nn.Module]) -> None:
@@ -151,11 +138,19 @@ def test_plain_fx_symbolic_trace_records_the_sequential_rule(impl: str) -> None:
     torch.testing.assert_close(graph_module(x), model(x), rtol=0, atol=0)
 
 
-def test_grad_checkpointing(registered: tuple[str, nn.Module]) -> None:
+def test_fresh_model_forward_backward_finite_and_grad_checkpointing(
+    registered: tuple[str, nn.Module],
+) -> None:
+    """A fresh model's train-mode forward and backward are finite; with gradient checkpointing the
+    backward gives the same gradients."""
     _, model = registered
     model = copy.deepcopy(model).train()
     x = tiny_batch(model)
-    model(x).square().mean().backward()
+    out = model(x)
+    assert out.shape == (2, model.num_classes)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.set_grad_checkpointing()

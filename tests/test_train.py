@@ -1,4 +1,5 @@
-"""train.py end to end, as a user runs it: real subprocesses, real data formats, real run dirs."""
+"""train.py end to end, as a user runs it: real subprocesses, real data formats, real run dirs
+(runs whose entry point is not under test train in this process: conftest.train_here)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cifar10_overrides, compose_train, run_entry
+from conftest import cifar10_overrides, compose_train, exit_status, train_here
 
 from gunn_exp.training.train import train
 
@@ -20,8 +21,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_digits_run_writes_the_run_directory(run_train) -> None:
-    proc, run_dir = run_train("experiment=digits", *TINY)
+def test_digits_run_writes_the_run_directory(digits_run) -> None:
+    stdout, run_dir = digits_run  # train.py experiment=digits debug=tiny (2 epochs), read-only
     for name in (
         "config.yaml",
         "metrics.csv",
@@ -43,7 +44,7 @@ def test_digits_run_writes_the_run_directory(run_train) -> None:
         min(float(r["val/err1"]) for r in rows), abs=1e-4
     )
     # The run's log (stdout) ends by summarising its numbers.
-    tail = proc.stdout.strip().splitlines()[-4:]
+    tail = stdout.strip().splitlines()[-4:]
     assert any("test  top-1 error" in line for line in tail), tail
     assert any(str(run_dir) in line for line in tail), tail
 
@@ -63,11 +64,6 @@ def test_results_do_not_depend_on_the_callbacks(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["best_val_err1"] == best
 
 
-def train_here(run_dir: Path, *overrides: str) -> dict:
-    """train(cfg) in this process (the entry point itself is tested above): its results."""
-    return train(compose_train(*overrides, "print_config=false", output_dir=run_dir))
-
-
 def test_seeded_cpu_runs_are_reproducible(tmp_path: Path) -> None:
     train_here(tmp_path / "a", "experiment=digits", *TINY, "seed=3")
     train_here(tmp_path / "b", "experiment=digits", *TINY, "seed=3")
@@ -82,17 +78,20 @@ def test_cifar_format_folder_trains(tmp_path: Path, cifar_root: Path) -> None:
 
 
 @pytest.mark.parametrize("data", ["cifar10", "cifar100", "imagenet"])
-def test_missing_data_fails_early_with_the_fix(run_train, tmp_path: Path, data: str) -> None:
-    proc, run_dir = run_train(
-        f"data={data}",
-        "model=gunn_mini",
-        f"paths.data_dir={tmp_path / 'nothing'}",
-        "data.download=false" if data != "imagenet" else "data.ten_crop=false",
-        *TINY,
-        check=False,
+def test_missing_data_fails_early_with_the_fix(tmp_path: Path, data: str) -> None:
+    # In this process: train.py's route from a data error to exit 2 is test_bad_input's.
+    run_dir = tmp_path / "run"
+    code, message = exit_status(
+        lambda: train_here(
+            run_dir,
+            f"data={data}",
+            "model=gunn_mini",
+            f"paths.data_dir={tmp_path / 'nothing'}",
+            "data.download=false" if data != "imagenet" else "data.ten_crop=false",
+            *TINY,
+        )
     )
-    assert proc.returncode != 0
-    message = proc.stderr + proc.stdout
+    assert code == 2
     assert str(tmp_path / "nothing") in message and "Fix:" in message, message[-2000:]
     assert not (run_dir / "checkpoints").exists()
 
@@ -117,18 +116,3 @@ def test_bad_values_get_a_one_line_error(run_train, override: str, key: str) -> 
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and key in lines[0], proc.stderr[-2000:]
-
-
-def test_multirun_sweeps_models(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    run_entry(
-        "train.py",
-        "-m",
-        "experiment=digits",
-        "model=gunn_mini,sunn_mini",
-        *TINY,
-        "print_config=false",
-        f"hydra.sweep.dir={sweep}",
-    )
-    results = sorted(sweep.glob("*/results.json"))
-    assert [json.loads(p.read_text())["model"] for p in results] == ["gunn_mini", "sunn_mini"]
