@@ -27,8 +27,8 @@ demo: $(STAMP) ## Train a compact GUNN on the offline digits data (CPU, ~1 min)
 train: $(STAMP) ## Train: make train ARGS="model=gunn15 data=cifar10"
 	$(BIN)/python train.py $(ARGS)
 
-# Two pytest-xdist workers, one CPU thread each (conftest also sets torch's): ~4 minutes on 2 cores.
-# Work stealing evens out the long end-to-end tests; ARGS="-n 0" runs it in one process.
+# Two pytest-xdist workers, one CPU thread each (conftest also sets torch's): about 4 minutes on
+# 2 cores. Work stealing evens out the long end-to-end tests; ARGS="-n 0" runs it in one process.
 test: $(STAMP) ## Run the test suite (offline, CPU; slow checks excluded; 2 workers)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -m "not slow" -n 2 --dist worksteal $(ARGS)
 
