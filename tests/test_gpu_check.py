@@ -101,7 +101,7 @@ def test_cpu_version_runs_every_part(tmp_path: Path) -> None:
     )
     report = json.loads((tmp_path / "gpu_cpu.json").read_text())
     parts = report["parts"]
-    for name in ("throughput", "large", "end_to_end"):
+    for name in ("throughput", "large", "end_to_end", "packing"):
         assert parts[name]["status"] == "ok", (name, parts[name], proc.stderr[-3000:])
     plan = gpu_check.CPU_PLAN
     rows = parts["throughput"]["result"]["rows"]
@@ -112,6 +112,25 @@ def test_cpu_version_runs_every_part(tmp_path: Path) -> None:
     assert parts["large"]["result"]["img_per_s"] > 0
     e2e = parts["end_to_end"]["result"]
     assert e2e["epochs"] == 3 and e2e["eval_outputs"]
+    packing = parts["packing"]["result"]
+    assert [r["runs"] for r in packing["rows"]] == list(plan.pack_runs)
+    assert all(r["img_per_s"] > 0 for r in packing["rows"])
+    assert packing["mode"] == gpu_check.fastest_mode(report, plan)
     # The exit status reports the exactness part's verdict (a failed part exits 1).
     assert proc.returncode == (0 if parts["exactness"]["status"] == "ok" else 1)
     assert "GPU numbers need a GPU" in (tmp_path / "gpu_cpu.md").read_text()
+
+
+def test_packing_uses_the_fastest_mode_of_the_default_implementation() -> None:
+    plan = gpu_check.CPU_PLAN
+    rows = [
+        {"model": f"{plan.model} {DEFAULT_IMPL}", "mode": "eager", "img_per_s": 10.0},
+        {"model": f"{plan.model} {DEFAULT_IMPL}", "mode": "compile", "img_per_s": 12.0},
+        {"model": plan.yardstick, "mode": "eager", "img_per_s": 99.0},
+    ]
+    report = {"parts": {"throughput": {"result": {"rows": rows}}}}
+    assert gpu_check.fastest_mode(report, plan) == "compile"
+    rows[0]["img_per_s"] = 13.0
+    assert gpu_check.fastest_mode(report, plan) == "eager"
+    # Without part 2's rows: eager, which every implementation runs.
+    assert gpu_check.fastest_mode({"parts": {}}, plan) == "eager"

@@ -1,7 +1,7 @@
 """One-command check of the GPU path: `python -m gunn_exp.gpu_check [--quick]` (`make gpu-check`).
 
 Runs offline on a fresh node (no dataset on disk) and writes `benchmarks/gpu_<device>.md` and
-`.json`: the machine, the torch/CUDA versions, the command, and four parts:
+`.json` (after every part): the machine, the torch/CUDA versions, the command, and five parts:
 
 1. exactness: every GUNN layer implementation against `reference` on the device, in float32
    (TF32 off, tight tolerance) and under bf16 autocast with channels_last (to bf16 rounding):
@@ -13,10 +13,12 @@ Runs offline on a fresh node (no dataset on disk) and writes `benchmarks/gpu_<de
    yardstick, peak `max_memory_allocated`, compile time, kernels per step (profiler);
 3. one GUNN-18 training step at 224x224, bf16, batch 64: img/s and peak memory;
 4. end to end through `train.py` (trainer=gpu, a generated CIFAR-10 folder read by the real loader,
-   data.on_device=true, compile=true, 2 short epochs), a resume to a third epoch, `eval.py`.
+   data.on_device=true, compile=true, 2 short epochs), a resume to a third epoch, `eval.py`;
+5. packing: 1, 2, 4, 8 GUNN-15 runs (processes) training at once on the device, images/s summed,
+   in the compile mode part 2 found fastest for the default implementation.
 
 Each part is guarded: a failure is recorded in the report and the next part still runs. Each part
-has a time budget (the whole fits in 8 minutes on one H100/H200); what a budget cuts is reported as
+has a time budget (the whole fits in about 8 minutes on one H100/H200); what a budget cuts is reported as
 skipped. Without CUDA the same command runs a tiny CPU version of every part (small shapes,
 gunn_mini, compile with the `aot_eager` backend), so the script is exercised by the tests; its
 numbers say nothing about a GPU.
@@ -25,6 +27,7 @@ numbers say nothing about a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pickle
@@ -82,6 +85,10 @@ class Plan:
     e2e_batch: int
     e2e_batches_per_epoch: int
     e2e_compile: bool
+    # Part 5: runs packed on one device (counts), each training `model` at this batch.
+    pack_runs: tuple[int, ...] = (1, 2)
+    pack_batch: int = 4
+    pack_window_s: float = 1.0
     budgets: dict[str, float] = field(default_factory=dict)
 
 
@@ -102,8 +109,11 @@ GPU_PLAN = Plan(
     e2e_batch=64,
     e2e_batches_per_epoch=20,
     e2e_compile=True,
-    # Seconds; about 7 minutes in all, plus imports and the report.
-    budgets={"exactness": 30, "throughput": 240, "large": 30, "end_to_end": 130},
+    pack_runs=(1, 2, 4, 8),
+    pack_batch=64,  # the CIFAR recipe's batch
+    pack_window_s=6.0,
+    # Seconds; about 8 minutes in all, plus imports and the report.
+    budgets={"exactness": 30, "throughput": 240, "large": 30, "end_to_end": 130, "packing": 100},
 )
 
 # Without CUDA: every part at toy size. Inductor compiles take minutes on a CPU, so the compiled
@@ -126,7 +136,7 @@ CPU_PLAN = Plan(
     e2e_batch=8,
     e2e_batches_per_epoch=3,
     e2e_compile=False,
-    budgets={"exactness": 30, "throughput": 120, "large": 30, "end_to_end": 180},
+    budgets={"exactness": 30, "throughput": 120, "large": 30, "end_to_end": 180, "packing": 90},
 )
 
 
@@ -533,6 +543,130 @@ def large_step(plan: Plan, device: torch.device, deadline: float) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------------------
+# Part 5: several runs packed on one device (what `hydra/launcher=ray` with fractional GPUs does).
+
+
+def fastest_mode(report: dict[str, Any], plan: Plan) -> str:
+    """The compile mode in which the default implementation trained fastest in part 2."""
+    rows = report["parts"].get("throughput", {}).get("result", {}).get("rows", [])
+    mine = [r for r in rows if r["model"] == f"{plan.model} {DEFAULT_IMPL}"]
+    return max(mine, key=lambda r: r["img_per_s"])["mode"] if mine else plan.modes[0]
+
+
+def _pack_worker(plan: Plan, mode: str, device: str, threads: int, conn: Any) -> None:
+    """One packed run: build and warm up, say ready, then time a window whenever told to."""
+    try:
+        torch.set_num_threads(threads)
+        dev = torch.device(device)
+        torch.manual_seed(0)
+        step = _Step(plan.model, create_model(plan.model, num_classes=10), mode, plan, dev)
+        gen = torch.Generator().manual_seed(0)
+        size = plan.image_size
+        x = torch.randn(plan.pack_batch, 3, size, size, generator=gen).to(dev)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (plan.pack_batch,), generator=gen).to(dev)
+        warmup = _timed(partial(_repeat, step, x, y, 3), dev)
+        conn.send(("ready", warmup))
+        while (message := conn.recv()) is not None:
+            start_at, window = message
+            before = _reset_peak(dev)
+            while time.time() < start_at:  # every run starts its window together
+                time.sleep(1e-3)
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < window:
+                step(x, y)
+                n += 1
+            _sync(dev)  # queued steps count only once they have run
+            conn.send(("done", (n, time.perf_counter() - t0, _peak_mb(dev) - before)))
+    except Exception as err:  # noqa: BLE001 (reported to the parent, which records it)
+        conn.send(("error", _one_line(err)))
+
+
+def packing(plan: Plan, device: torch.device, deadline: float, mode: str) -> dict[str, Any]:
+    """Part 5: images/s summed over 1, 2, 4, 8 runs training at once on one device.
+
+    Each run is its own process (as a sweep's jobs are), started once and compiled once; the first
+    compiles alone so that the others find its kernels in the compile caches. For each count the
+    first n runs train for the same wall-clock window, started together.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    most = plan.pack_runs[-1]
+    threads = max(1, (os.cpu_count() or 1) // most)
+    workers: list[tuple[Any, Any]] = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+
+    def receive(conn: Any) -> Any:
+        if not conn.poll(max(1.0, deadline - time.monotonic())):
+            raise TimeoutError("a packed run did not answer within the time budget")
+        kind, value = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"a packed run failed: {value}")
+        return value
+
+    def start(n: int) -> list[float]:
+        new = []
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_pack_worker, args=(plan, mode, str(device), threads, child), daemon=True
+            )
+            proc.start()
+            workers.append((proc, parent))
+            new.append(parent)
+        return [receive(conn) for conn in new]
+
+    try:
+        t0 = time.monotonic()
+        start(1)
+        first_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        start(most - 1)
+        rest_s = time.monotonic() - t0
+        for n in plan.pack_runs:
+            if time.monotonic() + plan.pack_window_s + 5 > deadline:
+                skipped.append(f"{n} runs: skipped (time budget)")
+                continue
+            start_at = time.time() + 0.5
+            for _, conn in workers[:n]:
+                conn.send((start_at, plan.pack_window_s))
+            done = [receive(conn) for _, conn in workers[:n]]
+            per_run = [steps * plan.pack_batch / seconds for steps, seconds, _ in done]
+            rows.append(
+                {
+                    "runs": n,
+                    "img_per_s": sum(per_run),
+                    "per_run_img_per_s": statistics.mean(per_run),
+                    "peak_mb_per_run": max(peak for _, _, peak in done),
+                }
+            )
+        base = rows[0]["img_per_s"] if rows and rows[0]["runs"] == 1 else float("nan")
+        for row in rows:
+            row["vs_one_run"] = row["img_per_s"] / base
+    finally:
+        for proc, conn in workers:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc, _ in workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    return {
+        "model": f"{plan.model} {DEFAULT_IMPL}",
+        "mode": mode,
+        "batch": plan.pack_batch,
+        "window_s": plan.pack_window_s,
+        "threads_per_run": threads,
+        "first_run_ready_s": first_s,
+        "other_runs_ready_s": rest_s,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Part 4: train.py, resume, eval.py on a generated CIFAR-10.
 
 
@@ -695,6 +829,7 @@ def markdown(report: dict[str, Any]) -> str:
         "throughput": "2. Training-step throughput",
         "large": "3. GUNN-18 at ImageNet size",
         "end_to_end": "4. End to end: train.py, resume, eval.py",
+        "packing": "5. Runs packed on one device",
     }
     for key, title in titles.items():
         part = parts.get(key, {})
@@ -754,6 +889,24 @@ def markdown(report: dict[str, Any]) -> str:
                 "",
             ]
             lines += [f"- {s}" for s in result["skipped"]] + [""]
+        elif key == "packing" and result:
+            lines += [
+                f"{result['model']}, {result['mode']}, batch {result['batch']} per run, "
+                f"{result['threads_per_run']} CPU threads per run; each run a process, all "
+                f"timed over the same {result['window_s']:g} s window. img_per_s: summed over "
+                "the runs; vs_one_run: over one run alone; peak_mb_per_run: the largest run's "
+                "max_memory_allocated during the window above what it held before (the CUDA "
+                "context, about 0.5 GB a process, not included). Ready in "
+                f"{result['first_run_ready_s']:.0f} s (first run, cold caches), "
+                f"{result['other_runs_ready_s']:.0f} s (the others, together).",
+                "",
+                _table(
+                    result["rows"],
+                    ["runs", "img_per_s", "vs_one_run", "per_run_img_per_s", "peak_mb_per_run"],
+                ),
+                "",
+            ]
+            lines += [f"- {s}" for s in result["skipped"]] + [""]
         elif result:
             lines += ["```json", json.dumps(result, indent=1), "```", ""]
     return "\n".join(lines)
@@ -772,9 +925,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--parts",
-        default="exactness,throughput,large,end_to_end",
+        default="exactness,throughput,large,end_to_end,packing",
         help="comma-separated subset of the parts to run",
     )
+    parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (part 2)")
+    parser.add_argument("--impls", help="comma-separated layer implementations (part 2)")
+    parser.add_argument("--batches", help="comma-separated batch sizes (part 2)")
     args = parser.parse_args(argv)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -782,6 +938,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = GPU_PLAN if device.type == "cuda" else CPU_PLAN
     plan = quick(plan) if args.quick else plan
     plan = replace(plan, budgets={k: v * args.budget_factor for k, v in plan.budgets.items()})
+    if args.modes:
+        plan = replace(plan, modes=tuple(args.modes.split(",")))
+    if args.impls:
+        plan = replace(plan, impls=tuple(args.impls.split(",")))
+    if args.batches:
+        plan = replace(plan, batches=tuple(int(b) for b in args.batches.split(",")))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what trainer=gpu sets
     command = shlex.join(["python", "-m", "gunn_exp.gpu_check", *(argv or sys.argv[1:])])
@@ -797,12 +959,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "throughput": throughput,
         "large": large_step,
         "end_to_end": end_to_end,
+        # Packs the default implementation in the mode part 2 found fastest (when it ran).
+        "packing": lambda plan, device, deadline: packing(
+            plan, device, deadline, fastest_mode(report, plan)
+        ),
     }
     wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(wanted) - set(functions))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; choose from {list(functions)}")
     start = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"gpu_{device_slug(device)}"
     for name in wanted:
         t0 = time.monotonic()
         print(f"[gpu_check] {name} (budget {plan.budgets[name]:.0f} s) ...", flush=True)
@@ -816,11 +984,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         part["seconds"] = time.monotonic() - t0
         report["parts"][name] = part
         print(f"[gpu_check] {name}: {part['status']} in {part['seconds']:.0f} s", flush=True)
-    report["total_s"] = time.monotonic() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"gpu_{device_slug(device)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    stem.with_suffix(".md").write_text(markdown(report))
+        # Written after every part: a run cut short (a lease ending) keeps what it measured.
+        report["total_s"] = time.monotonic() - start
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     print(f"wrote {stem}.md and {stem}.json")
     return report
