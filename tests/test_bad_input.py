@@ -26,8 +26,8 @@ from PIL import Image
 from gunn_exp.config import validate_config
 from gunn_exp.data import CIFARDataModule, DataError, DigitsDataModule, ImageNetDataModule
 from gunn_exp.errors import ConfigError, RunError
-from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.run import list_images, load_run, resolve_device
+from gunn_exp.rundir.preprocessing import Preprocessing
 from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()
@@ -174,12 +174,17 @@ def imagenet(
     return make
 
 
+def undescribed_checkpoint(path: Path) -> None:
+    """A checkpoint written before checkpoints described their run: config.yaml says the model."""
+    path.parent.mkdir()
+    torch.save({"state_dict": {}}, path)
+
+
 def run_dir_with_config(text: str) -> Make:
-    """load_run on a run directory whose config.yaml holds `text` (a checkpoint file exists)."""
+    """load_run on a run directory whose config.yaml holds `text` (its checkpoint needs it)."""
 
     def make(tmp: Path) -> None:
-        (tmp / "checkpoints").mkdir()
-        (tmp / "checkpoints" / "best.ckpt").write_bytes(b"")
+        undescribed_checkpoint(tmp / "checkpoints" / "best.ckpt")
         (tmp / "config.yaml").write_text(text)
         load_run(tmp)
 
@@ -258,8 +263,7 @@ def entry_train(*overrides: str) -> Callable[[Path], list[str]]:
 
 
 def entry_eval_corrupt_config(tmp: Path) -> list[str]:
-    (tmp / "checkpoints").mkdir()
-    (tmp / "checkpoints" / "best.ckpt").write_bytes(b"")
+    undescribed_checkpoint(tmp / "checkpoints" / "best.ckpt")
     (tmp / "config.yaml").write_text("model: {name: [\n")
     return [f"run_dir={tmp}"]
 

@@ -19,10 +19,10 @@ from sklearn.datasets import load_digits
 
 import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN implementations)
 from gunn_exp.inference.export import export_run
-from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.run import load_run
-from gunn_exp.inference.weights import init_from_checkpoint
 from gunn_exp.models import create_model
+from gunn_exp.rundir.preprocessing import Preprocessing
+from gunn_exp.rundir.weights import init_from_checkpoint
 
 ATOL = 1e-4
 # torch.jit.load warns that TorchScript is deprecated; loading it is what this test is about.

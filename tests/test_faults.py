@@ -18,10 +18,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gunn_exp.errors import CheckpointError, Interrupted, NonFiniteLoss
-from gunn_exp.inference.weights import load_checkpoint
 from gunn_exp.models import create_model
-from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_resumable
+from gunn_exp.rundir.checkpoint import load_checkpoint
+from gunn_exp.training.checkpoints import AtomicCheckpointIO
 from gunn_exp.training.faults import FiniteLossGuard, GracefulStop
+from gunn_exp.training.resume import check_resumable
 
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
 
@@ -135,12 +136,21 @@ def test_checkpoint_of_another_model_is_refused_naming_both(tmp_path: Path) -> N
     path = training_checkpoint(
         tmp_path / "run", create_model("gunn_mini", num_classes=10), "gunn_mini"
     )
-    check_resumable(path, create_model("gunn_mini", num_classes=10), "gunn_mini")
+    check_resumable(
+        load_checkpoint(path), path, create_model("gunn_mini", num_classes=10), "gunn_mini"
+    )
     with pytest.raises(CheckpointError, match="does not match model gunn_mini: .*shape") as err:
-        check_resumable(path, create_model("gunn_mini", num_classes=7), "gunn_mini")
+        check_resumable(
+            load_checkpoint(path), path, create_model("gunn_mini", num_classes=7), "gunn_mini"
+        )
     assert "fc.weight [10, " in str(err.value)
     with pytest.raises(CheckpointError, match=r"resnet18_cifar.*written by a run of .*gunn_mini"):
-        check_resumable(path, create_model("resnet18_cifar", num_classes=10), "resnet18_cifar")
+        check_resumable(
+            load_checkpoint(path),
+            path,
+            create_model("resnet18_cifar", num_classes=10),
+            "resnet18_cifar",
+        )
 
 
 def test_weights_only_checkpoint_points_to_init_from(tmp_path: Path) -> None:
@@ -148,7 +158,7 @@ def test_weights_only_checkpoint_points_to_init_from(tmp_path: Path) -> None:
     model = create_model("gunn_mini", num_classes=10)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
     with pytest.raises(CheckpointError, match="init_from="):
-        check_resumable(path, model, "gunn_mini")
+        check_resumable(load_checkpoint(path), path, model, "gunn_mini")
 
 
 class Tiny(pl.LightningModule):

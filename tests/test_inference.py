@@ -30,10 +30,10 @@ from sklearn.datasets import load_digits
 from gunn_exp.errors import CheckpointError, ConfigError, RunError
 from gunn_exp.inference.evaluate import evaluate
 from gunn_exp.inference.predict import classify_images
-from gunn_exp.inference.preprocessing import Preprocessing
-from gunn_exp.inference.run import find_run, list_images, load_run, pooled_features
-from gunn_exp.inference.weights import init_from_checkpoint, load_weights
+from gunn_exp.inference.run import find_checkpoint, list_images, load_run, pooled_features
 from gunn_exp.models import create_model
+from gunn_exp.rundir.preprocessing import Preprocessing
+from gunn_exp.rundir.weights import init_from_checkpoint
 
 DIGITS = 3  # images written as PNG files for classify/features
 
@@ -210,13 +210,14 @@ def test_init_from_refuses_another_backbone(run_dir: Path) -> None:
 
 def test_unusable_runs_and_checkpoints_are_refused(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(RunError, match="not a run directory"):
-        find_run(tmp_path)
-    with pytest.raises(RunError, match="no config.yaml beside it"):
-        find_run(foreign_checkpoint(tmp_path / "alone.ckpt"))
+        find_checkpoint(tmp_path)
+    # Alone, and without a description of its run inside: which model it holds is unknown.
+    with pytest.raises(RunError, match="does not say which model it holds"):
+        load_run(foreign_checkpoint(tmp_path / "alone.ckpt"))
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
-        load_weights(create_model("gunn_mini"), corrupt, "gunn_mini")
+        load_run(corrupt)
 
 
 def test_a_run_without_classes_and_preprocessing_rebuilds_them(

@@ -35,7 +35,7 @@ from gunn_exp.data.transforms import (
     cifar_train_transform,
     imagenet_train_transform,
 )
-from gunn_exp.training.module import ClassificationModule
+from gunn_exp.task import ClassificationModule
 from gunn_exp.training.schedules import imagenet_decay_steps, register_resolvers
 
 register_resolvers()

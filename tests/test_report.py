@@ -19,7 +19,7 @@ from gunn_exp.analysis.report import (
     results_table,
     write_report,
 )
-from gunn_exp.training.sweep import SweepSummary
+from gunn_exp.analysis.sweep_summary import SweepSummary
 
 CURVE_COLUMNS = ("epoch", "lr", "train/loss", "val/err1", "val/err5")
 

@@ -29,8 +29,8 @@ from conftest import (
 
 from gunn_exp.errors import CheckpointError
 from gunn_exp.rundir import WANDB_ID as WANDB_ID_FILE
-from gunn_exp.training.checkpoints import resolve_ckpt_path
 from gunn_exp.training.loggers import wandb_resume_kwargs
+from gunn_exp.training.resume import resolve_ckpt_path
 from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()

@@ -22,10 +22,13 @@ from wandb_records import read_offline_run
 
 from gunn_exp import rundir
 from gunn_exp.errors import ConfigError, DiskFull, NonFiniteLoss, RunError
-from gunn_exp.inference.weights import load_checkpoint
-from gunn_exp.training.checkpoints import AtomicCheckpointIO, check_config_change
+from gunn_exp.rundir.checkpoint import load_checkpoint
+from gunn_exp.rundir.configs import config_history, latest_config, save_config
+from gunn_exp.rundir.lock import RunLock
+from gunn_exp.training.checkpoints import AtomicCheckpointIO
 from gunn_exp.training.faults import FiniteLossGuard
 from gunn_exp.training.launch import refuse_child_process_ranks
+from gunn_exp.training.resume import check_config_change
 from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()
@@ -104,8 +107,8 @@ def test_every_child_process_strategy_is_refused(strategy: str) -> None:
 
 def write_run_config(run_dir: Path, *overrides: str) -> Path:
     cfg = compose_train(*overrides)
-    rundir.save_config(cfg, run_dir)
-    return rundir.checkpoint(run_dir, rundir.LAST)
+    save_config(cfg, run_dir)
+    return rundir.checkpoint_path(run_dir, rundir.LAST)
 
 
 @pytest.mark.parametrize(
@@ -127,10 +130,10 @@ def test_resume_with_a_training_change_is_refused_naming_both_values(
     ckpt = write_run_config(tmp_path, "experiment=digits")
     new = compose_train("experiment=digits", *change)
     with pytest.raises(ConfigError, match="allow_config_change=true") as err:
-        check_config_change(new, ckpt, tmp_path)
+        check_config_change(new, {}, ckpt, tmp_path)
     assert named in str(err.value) and "\n" not in str(err.value)
     allowed = compose_train("experiment=digits", *change, "allow_config_change=true")
-    assert check_config_change(allowed, ckpt, tmp_path) is True
+    assert check_config_change(allowed, {}, ckpt, tmp_path) is True
 
 
 @pytest.mark.parametrize(
@@ -138,20 +141,22 @@ def test_resume_with_a_training_change_is_refused_naming_both_values(
 )
 def test_resume_may_change_what_does_not_change_training(tmp_path: Path, change: str) -> None:
     ckpt = write_run_config(tmp_path, "experiment=digits")
-    assert check_config_change(compose_train("experiment=digits", change), ckpt, tmp_path) is False
+    assert (
+        check_config_change(compose_train("experiment=digits", change), {}, ckpt, tmp_path) is False
+    )
 
 
 def test_config_history_never_overwrites_the_first(tmp_path: Path) -> None:
     first = compose_train("experiment=digits")
-    rundir.save_config(first, tmp_path)
+    save_config(first, tmp_path)
     original = (tmp_path / "config.yaml").read_text()
-    rundir.save_config(first, tmp_path, resuming=True)  # same config: nothing new
-    assert rundir.config_history(tmp_path) == [tmp_path / "config.yaml"]
+    save_config(first, tmp_path, resuming=True)  # same config: nothing new
+    assert config_history(tmp_path) == [tmp_path / "config.yaml"]
     longer = compose_train("experiment=digits", "trainer.max_epochs=30")
-    rundir.save_config(longer, tmp_path, resuming=True)
+    save_config(longer, tmp_path, resuming=True)
     assert (tmp_path / "config.yaml").read_text() == original
-    assert rundir.latest_config(tmp_path) == tmp_path / "config.resume-1.yaml"
-    assert OmegaConf.load(rundir.latest_config(tmp_path)).trainer.max_epochs == 30
+    assert latest_config(tmp_path) == tmp_path / "config.resume-1.yaml"
+    assert OmegaConf.load(latest_config(tmp_path)).trainer.max_epochs == 30
 
 
 def test_resume_as_another_model_is_refused_and_keeps_the_record(tmp_path: Path) -> None:
@@ -167,7 +172,7 @@ def test_resume_as_another_model_is_refused_and_keeps_the_record(tmp_path: Path)
     (line,) = error_lines(stderr)
     assert "'gunn_mini'" in line and "'sunn_mini'" in line and "allow_config_change" in line
     assert (run_dir / "config.yaml").read_text() == config
-    assert rundir.config_history(run_dir) == [run_dir / "config.yaml"]
+    assert config_history(run_dir) == [run_dir / "config.yaml"]
 
 
 @pytest.mark.slow
@@ -217,15 +222,15 @@ def test_second_run_into_a_locked_run_directory_is_refused(tmp_path: Path,
 def test_run_lock_is_released_taken_over_when_stale_and_shared_with_children(
     tmp_path: Path, live_process: int
 ) -> None:
-    with rundir.RunLock(tmp_path):
+    with RunLock(tmp_path):
         assert (tmp_path / rundir.LOCK).read_text().split()[0] == str(os.getpid())
         with pytest.raises(RunError, match="in use by process"):
             hold_lock(tmp_path / "other", live_process)
-            rundir.RunLock(tmp_path / "other").__enter__()
+            RunLock(tmp_path / "other").__enter__()
         # A child (a DDP rank, a multirun job's single run) shares its parent's lock.
         child = subprocess.run(
-            [sys.executable, "-c", f"from gunn_exp import rundir\n"
-             f"with rundir.RunLock({str(tmp_path)!r}): pass"],
+            [sys.executable, "-c", f"from gunn_exp.rundir.lock import RunLock\n"
+             f"with RunLock({str(tmp_path)!r}): pass"],
             env=RUN_ENV, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert child.returncode == 0, child.stderr
@@ -235,11 +240,11 @@ def test_run_lock_is_released_taken_over_when_stale_and_shared_with_children(
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout  # fmt: skip
     hold_lock(tmp_path, int(dead))  # a killed run's lock
-    with rundir.RunLock(tmp_path):
+    with RunLock(tmp_path):
         assert (tmp_path / rundir.LOCK).read_text().split()[0] == str(os.getpid())
     hold_lock(tmp_path, live_process, host="another-host")  # cannot tell: refuse
     with pytest.raises(RunError, match="another-host"):
-        rundir.RunLock(tmp_path).__enter__()
+        RunLock(tmp_path).__enter__()
 
 
 def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatch) -> None:
@@ -247,9 +252,9 @@ def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path: Path, monkeypatch)
     hold_lock(tmp_path, 4242, host="node-a", job="777")
     monkeypatch.setenv("SLURM_JOB_ID", "778")
     with pytest.raises(RunError, match="node-a"):
-        rundir.RunLock(tmp_path).__enter__()
+        RunLock(tmp_path).__enter__()
     monkeypatch.setenv("SLURM_JOB_ID", "777")
-    with rundir.RunLock(tmp_path):
+    with RunLock(tmp_path):
         assert (tmp_path / rundir.LOCK).read_text().split() == [
             str(os.getpid()),
             socket.gethostname(),

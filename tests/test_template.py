@@ -69,7 +69,7 @@ def test_train_fast_dev_run(tmp_path: Path) -> None:
 def test_train_then_eval_by_checkpoint_path(digits_run, tmp_path: Path) -> None:
     # The session's `train.py experiment=digits debug=tiny` run (2 epochs); eval writes into it.
     run_dir = copy_run(digits_run[1], tmp_path / "run")
-    last = rundir.checkpoint(run_dir, rundir.LAST)
+    last = rundir.checkpoint_path(run_dir, rundir.LAST)
     # No run_dir: found from the checkpoint's place. The 2 test batches debug=tiny tested.
     proc = run_entry("eval.py", f"ckpt_path={last}", "limit_batches=2")
     assert "top-1 error" in proc.stdout + proc.stderr
@@ -156,11 +156,11 @@ def test_test_switch_and_test_only_run(run_train, tmp_path: Path) -> None:
     _, run_dir = run_train(*TINY, "trainer.max_epochs=1", "test=false")
     untested = results(run_dir)
     assert untested["test_err1"] is None and untested["best_val_err1"] is not None
-    last = rundir.checkpoint(run_dir, rundir.LAST)
+    last = rundir.checkpoint_path(run_dir, rundir.LAST)
     _, test_dir = run_train(*TINY, "train=false", f"ckpt_path={last}", run_dir=tmp_path / "test")
     tested = results(test_dir)
     assert tested["test_err1"] is not None and tested["ckpt_path"] == str(last)
-    assert not rundir.checkpoint(test_dir, rundir.LAST).exists()  # nothing trained
+    assert not rundir.checkpoint_path(test_dir, rundir.LAST).exists()  # nothing trained
 
 
 def write_imagenet(root: Path, classes: int = 3, per_class: int = 4) -> Path:

@@ -17,12 +17,12 @@ from torchvision.transforms import functional as TF
 
 from gunn_exp.config import validate_config
 from gunn_exp.data import ImageNetDataModule
+from gunn_exp.data.crops import reduce_crops
 from gunn_exp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_eval_transform
 from gunn_exp.errors import ConfigError
-from gunn_exp.inference.preprocessing import Preprocessing
 from gunn_exp.inference.run import predict_log_probs
-from gunn_exp.training.crops import reduce_crops
-from gunn_exp.training.module import ClassificationModule
+from gunn_exp.rundir.preprocessing import Preprocessing
+from gunn_exp.task import ClassificationModule
 
 # Two images x two crops x three classes. Image 0 is where the rules disagree: crop 0 is sure of
 # class 0, crop 1 leans to class 2; summed logits (10, 3, 12) pick class 2, but the mean softmax

@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gunn_exp.data.crops import CROP_REDUCTIONS
 from gunn_exp.errors import ConfigError
-from gunn_exp.training.crops import CROP_REDUCTIONS
 
 _MISSING = object()
 

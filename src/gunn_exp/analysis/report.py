@@ -245,7 +245,7 @@ def mean_curves(runs: Sequence[Run]) -> dict[str, list[dict[str, float]]]:
 def plot_runs(runs: Sequence[Run], path: str | Path, title: str = "") -> Path | None:
     """Loss (log scale) and top-1 error per epoch of every group (mean over its seeds) on one
     figure."""
-    from gunn_exp.analysis.plots import plot_curves  # matplotlib: only when a figure is asked for
+    from gunn_exp.rundir.curves import plot_curves  # matplotlib: only when a figure is asked for
 
     curves = mean_curves(runs)
     return plot_curves(curves, path, title=title, loss_scale="log") if curves else None

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from gunn_exp.data.gpu_augment import augment
-from gunn_exp.training.reproducibility import derive_seed
+from gunn_exp.data.seeding import derive_seed
 
 
 class EpochSampler:

@@ -16,9 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -28,10 +27,8 @@ from gunn_exp.config import validate_config
 from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import ConfigError
 from gunn_exp.inference.run import CKPT_NAMES, load_run, resolve_device
-from gunn_exp.training.module import ClassificationModule
-
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt  # noqa: E402
+from gunn_exp.rundir.build import build_datamodule
+from gunn_exp.task import ClassificationModule
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{run.run_dir} predicts {num_classes}; evaluate on data with the model's label set, "
             f"or fine-tune first (train.py init_from=<ckpt>, see docs/USING_MODELS.md)."
         )
-    dm: ImageDataModule = instantiate(data_cfg)
+    dm: ImageDataModule = build_datamodule(data_cfg, f"data of {run.checkpoint}")
     dm.prepare_data()
     dm.setup("test")
 
@@ -70,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)[0]
     confusion = module.confusion.compute().cpu()
     results = {
-        "run_dir": str(run.run_dir),
+        "run_dir": str(run.output_dir),
         "checkpoint": str(run.checkpoint),
         "epoch": run.epoch,
         "model": run.model_name,
@@ -83,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "err5": metrics["test/err5"],
         "loss": metrics["test/loss"],
     }
-    out_dir = run.run_dir / rundir.EVAL / _tag(cfg, data_cfg)
+    out_dir = run.output_dir / rundir.EVAL / _tag(cfg, data_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     results["output_dir"] = str(out_dir)
     rundir.write_results(results, out_dir)
@@ -183,7 +180,8 @@ def _plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: st
     """Row-normalised confusion matrix (each true class sums to 1), so rare classes show too."""
     rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = Figure(figsize=(7, 6))  # no pyplot: no global backend or figure registry involved
+    ax = fig.subplots()
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="fraction of the true class")
     if n <= MAX_LABELLED_CLASSES:
@@ -193,4 +191,3 @@ def _plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: st
     ax.title.set_fontsize(9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

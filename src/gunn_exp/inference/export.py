@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from gunn_exp import rundir
@@ -86,12 +85,6 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
     return path
 
 
-def model_args(run: Run) -> dict[str, Any]:
-    """The create_model options the run's model was built with (its config.yaml's `model`)."""
-    args = OmegaConf.to_container(run.config.model, resolve=True)
-    return {k: v for k, v in args.items() if k not in ("_target_", "name") and v is not None}
-
-
 @torch.no_grad()
 def pretrained_cfg(run: Run) -> dict[str, Any]:
     """timm's pretrained cfg of the run's weights: the model's registered cfg (the tag named
@@ -129,7 +122,7 @@ def export_safetensors(run: Run, out_dir: Path) -> list[Path]:
         "num_classes": model.num_classes,
         "num_features": model.num_features,
         "global_pool": model.global_pool.pool_type,
-        "model_args": model_args(run),
+        "model_args": {k: v for k, v in run.model_args.items() if v is not None},
         "pretrained_cfg": pretrained_cfg(run),
     }
     rundir.write_json(out_dir / CONFIG, config, sort_keys=False)
@@ -162,7 +155,7 @@ def export_run(
     if "safetensors" in formats:
         written += export_safetensors(run, out_dir)
     written.append(run.preprocessing.save(out_dir))
-    written.append(rundir.write_json(out_dir / rundir.CLASSES, run.classes, sort_keys=False))
+    written.append(rundir.write_classes(run.classes, out_dir))
     return written
 
 

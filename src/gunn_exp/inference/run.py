@@ -1,33 +1,36 @@
-"""A finished run as an eval-mode model: shared by eval.py, classify.py, features.py, export.py.
+"""A trained run as an eval-mode model: shared by eval.py, classify.py, features.py, export.py.
 
-A run directory (rundir.py) holds everything needed: `config.yaml` says which model to build,
-`checkpoints/{best,last}.ckpt` hold its weights, `classes.json` and `preprocessing.json` say what
-its outputs mean and how an image file becomes an input. Runs that stopped before writing the last
-two (interrupted, or older) get them by rebuilding their data module from `config.yaml`.
+A checkpoint describes itself (rundir.checkpoint): which model to build and with which arguments,
+the class names and the preprocessing travel inside it, so a `.ckpt` copied anywhere is enough.
+Checkpoints written before that get the same from their run directory (`config.yaml`,
+`classes.json`, `preprocessing.json`), rebuilding the data module from `config.yaml` where even
+those files are missing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from gunn_exp import rundir
 from gunn_exp.data import ImageDataModule
+from gunn_exp.data.crops import reduce_crops
 from gunn_exp.errors import RunError
-from gunn_exp.inference.preprocessing import Preprocessing
-from gunn_exp.inference.weights import load_weights
-from gunn_exp.training.crops import reduce_crops
+from gunn_exp.rundir.build import build_datamodule, build_model, model_spec
+from gunn_exp.rundir.checkpoint import RunDescription, load_checkpoint
+from gunn_exp.rundir.configs import latest_config, read_config
+from gunn_exp.rundir.preprocessing import Preprocessing
+from gunn_exp.rundir.weights import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,35 +39,42 @@ CKPT_NAMES = (rundir.BEST, rundir.LAST)
 
 @dataclass
 class Run:
-    """One run's model in eval mode on `device`, with what is needed to use it."""
+    """One trained model in eval mode on its device, with what is needed to use it."""
 
-    run_dir: Path
-    config: DictConfig
     checkpoint: Path
+    run_dir: Path | None  # the run directory around the checkpoint, if it is still in one
+    config: DictConfig  # the run's resolved config
+    model_name: str
+    model_args: dict[str, Any]  # create_model(model_name, **model_args) rebuilds the network
     epoch: int | None
     model: nn.Module
+    description: RunDescription | None = None
 
     @property
-    def model_name(self) -> str:
-        return str(self.config.model.name)
+    def output_dir(self) -> Path:
+        """Where eval/ and export/ outputs go: the run directory, else beside the checkpoint."""
+        return self.run_dir or self.checkpoint.parent
 
     @cached_property
     def classes(self) -> list[str]:
-        path = self.run_dir / rundir.CLASSES
-        return json.loads(path.read_text()) if path.is_file() else list(self._datamodule.classes)
+        if self.description is not None:
+            return self.description.classes
+        found = rundir.read_classes(self.run_dir) if self.run_dir else None
+        return found if found is not None else list(self._datamodule.classes)
 
     @cached_property
     def preprocessing(self) -> Preprocessing:
-        if (self.run_dir / rundir.PREPROCESSING).is_file():
+        if self.description is not None:
+            return Preprocessing.from_dict(self.description.preprocessing)
+        if self.run_dir and (self.run_dir / rundir.PREPROCESSING).is_file():
             return Preprocessing.read(self.run_dir)
         return Preprocessing.from_datamodule(self._datamodule)
 
     @cached_property
     def _datamodule(self) -> ImageDataModule:
-        log.info(
-            f"{self.run_dir} has no {rundir.CLASSES}/{rundir.PREPROCESSING}: rebuilding its data"
-        )
-        dm: ImageDataModule = instantiate(self.config.data)
+        log.info(f"{self.checkpoint}: no classes/preprocessing recorded; rebuilding its data")
+        data = OmegaConf.to_container(self.config.data, resolve=True)
+        dm: ImageDataModule = build_datamodule(data, str(self.checkpoint))  # type: ignore[arg-type]
         dm.prepare_data()
         dm.setup("test")
         return dm
@@ -74,43 +84,53 @@ class Run:
         return next(self.model.parameters()).device
 
 
-def find_run(path: str | Path, ckpt: str = "best") -> tuple[Path, Path]:
-    """(run directory, checkpoint) from a run directory plus `ckpt` (best, last or a path), or
-    from a checkpoint file inside a run directory (then `ckpt` is ignored)."""
+def find_checkpoint(path: str | Path, ckpt: str = "best") -> tuple[Path, Path | None]:
+    """(checkpoint, its run directory or None) from a checkpoint file anywhere, or from a run
+    directory plus `ckpt` (best, last or a path)."""
     path = Path(path)
     if path.is_file():
-        run_dir = rundir.find_run_dir(path)
-        if run_dir is None:
-            raise RunError(
-                f"{path}: no config.yaml beside it or in its parent, so the model it holds is "
-                f"unknown; pass the run directory (or a checkpoint inside <run>/checkpoints/)."
-            )
-        return run_dir, path
+        return path, rundir.find_run_dir(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such checkpoint file or run directory.")
     if not (path / rundir.CONFIG).is_file():
         raise RunError(
             f"{path} is not a run directory (no config.yaml); pass the folder train.py wrote "
-            f"(logs/<task>/runs/<time>_<model>_<data>) or a checkpoint in it."
+            f"(logs/<task>/runs/<time>_<model>_<data>) or a checkpoint file."
         )
     if ckpt not in CKPT_NAMES:
-        return path, Path(ckpt)
-    checkpoint = rundir.checkpoint(path, ckpt)
+        return Path(ckpt), path
+    checkpoint = rundir.checkpoint_path(path, ckpt)
     if not checkpoint.is_file():
         other = CKPT_NAMES[1 - CKPT_NAMES.index(ckpt)]
         raise RunError(f"{path} has no checkpoints/{ckpt}.ckpt; use ckpt={other} or ckpt=<path>.")
-    return path, checkpoint
+    return checkpoint, path
 
 
 def load_run(path: str | Path, ckpt: str = "best", device: str | torch.device = "cpu") -> Run:
-    """Build the run's model from its config.yaml, load the checkpoint, put it in eval mode."""
-    run_dir, checkpoint = find_run(path, ckpt)
-    config = rundir.read_config(run_dir)
-    model: nn.Module = instantiate(config.model)
-    loaded = load_weights(model, checkpoint, str(config.model.name))
+    """Build the checkpoint's model as it describes it, load its weights, put it in eval mode."""
+    checkpoint, run_dir = find_checkpoint(path, ckpt)
+    loaded = load_checkpoint(checkpoint)
+    described = RunDescription.from_checkpoint(loaded, checkpoint)
+    if described is not None:
+        config = OmegaConf.create(described.config)
+        name, args = described.model, described.model_args
+    elif run_dir is not None:  # written before checkpoints described themselves
+        config = read_config(run_dir)
+        model_cfg = OmegaConf.to_container(config.model, resolve=True)
+        name, args = model_spec(model_cfg, str(latest_config(run_dir)))  # type: ignore[arg-type]
+    else:
+        raise RunError(
+            f"{checkpoint} does not say which model it holds (written before checkpoints carried "
+            f"their run's description) and has no run directory around it (config.yaml); put it "
+            f"back in <run>/checkpoints/ or pass the run directory."
+        )
+    model = build_model(name, args)
+    load_weights(model, loaded, checkpoint, name)
     model.eval().to(resolve_device(device))
     # Lightning stores the 0-based index of the epoch it saved in; report epochs completed
     # (1-based, like metrics.csv and results.json).
     epoch = loaded["epoch"] + 1 if isinstance(loaded.get("epoch"), int) else None
-    return Run(run_dir, config, checkpoint, epoch, model)
+    return Run(checkpoint, run_dir, config, name, args, epoch, model, described)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from gunn_exp import rundir
-from gunn_exp.analysis.plots import plot_curves
+from gunn_exp.rundir.curves import plot_curves
+from gunn_exp.training.loggers import log_curves
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,10 @@ class EpochSummary(pl.Callback):
                 {"": self.rows}, self.plot_path, title=f"{pl_module.model.__class__.__name__}"
             )
         log.info(format_row(row, trainer.max_epochs))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.plot:
+            log_curves(trainer.loggers, self.plot_path)  # the final plot, to every logger
 
     def _write_csv(self) -> None:
         text = io.StringIO(newline="")

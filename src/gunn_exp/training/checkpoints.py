@@ -1,11 +1,13 @@
-"""Training checkpoints: which file `ckpt_path` means, refusing one that cannot resume this config
-(other weights, or a config that trains differently), and writing every checkpoint atomically (a
-kill during a save never leaves a truncated file)."""
+"""Every checkpoint of a run: written atomically, read safely, and describing its run.
+
+`AtomicCheckpointIO` is the strategy's checkpoint plugin, so every checkpoint Lightning writes or
+reads goes through it; `DescribeCheckpoints` puts the run's description (rundir.checkpoint) into
+each one.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -15,86 +17,25 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins import TorchCheckpointIO
-from torch import nn
 
 from gunn_exp import rundir
-from gunn_exp.errors import CheckpointError, ConfigError
-from gunn_exp.inference.weights import StateDiff, load_checkpoint, model_state
+from gunn_exp.rundir.build import model_spec
+from gunn_exp.rundir.checkpoint import DESCRIPTION_KEY, RunDescription, load_checkpoint
+from gunn_exp.rundir.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
-# Keys Lightning needs to continue training (a weights-only file has just `state_dict`).
-TRAINING_STATE = ("epoch", "global_step", "loops", "optimizer_states", "callbacks")
-
-
-def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
-    """The checkpoint file `ckpt_path=<value>` means for a run writing into `run_dir`.
-
-    - null: a fresh run;
-    - `last`: `<run_dir>/checkpoints/last.ckpt`, which must exist: resume the run whose
-      directory is given with `hydra.run.dir=<run dir>`;
-    - `auto`: the same file if it exists, else a fresh run: for jobs that may be requeued
-      (SLURM preemption, timeouts), which rerun the same command into the same directory;
-    - anything else: that file.
-    """
-    if value is None:
-        return None
-    if value in ("last", "auto"):
-        last = rundir.checkpoint(run_dir, rundir.LAST)
-        if last.is_file():
-            return last
-        if value == "auto":
-            return None
-        raise CheckpointError(
-            f"ckpt_path=last: there is no {last}. To resume a run, point Hydra at its directory: "
-            f"`python train.py <the run's overrides> ckpt_path=last hydra.run.dir=<run dir>` "
-            f"(ckpt_path=auto starts afresh when there is nothing to resume)."
-        )
-    return Path(value).expanduser().resolve()
-
-
-def check_resumable(path: Path, model: nn.Module, model_name: str) -> None:
-    """Refuse a checkpoint that is corrupt, holds weights only, or belongs to another model.
-
-    Run before anything is written into the run directory, so a refused resume leaves it as
-    it was. The message names the checkpoint's model (from its run's config.yaml) and the
-    tensors that differ.
-    """
-    ckpt = load_checkpoint(path)
-    missing = [key for key in TRAINING_STATE if key not in ckpt]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path} cannot resume training: it has no {', '.join(missing)} (weights "
-            f"only). Use init_from={path} to start a new run from its weights."
-        )
-    diff = StateDiff.between(model, model_state(ckpt, path))
-    if diff:
-        source = rundir.run_model_name(path)
-        written_by = f" It was written by a run of model {source}." if source else ""
-        raise CheckpointError(
-            f"checkpoint {path} does not match model {model_name}: {diff}.{written_by} Resume "
-            f"with the overrides of the run that wrote it (model=..., its model options)."
-        )
-    log.info(f"resuming from {path} (epoch {ckpt['epoch'] + 1}, step {ckpt['global_step']})")
-
-
-def checkpoint_position(path: Path) -> str:
-    """Where in training checkpoint `path` was saved: `epoch 3, step 120` (epochs from 1)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a report on a failure path: say what is known, never raise
-        return f"unreadable: {err.__class__.__name__}"
-    return f"saved in epoch {ckpt['epoch'] + 1}, step {ckpt['global_step']}"
-
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer through `rundir.atomic_write` for local paths.
+    """Lightning's checkpoint I/O, writing through `rundir.atomic_write` and reading through
+    `rundir.checkpoint.load_checkpoint` for local paths.
 
-    Kept because Lightning's own writer stages the file in the system temp directory and moves
-    it (a non-atomic copy when that is another filesystem, typical on clusters) and never fsyncs.
-    Every checkpoint Lightning writes (ModelCheckpoint, the signal handler's save,
-    `trainer.save_checkpoint`) goes through the strategy's CheckpointIO, so this one plugin makes
-    all of them atomic. Remote (fsspec) paths keep Lightning's behaviour.
+    Writing: Lightning's own writer stages the file in the system temp directory and moves it (a
+    non-atomic copy when that is another filesystem, typical on clusters) and never fsyncs.
+    Reading: Lightning unpickles with `weights_only=False` unless told otherwise, which lets a
+    resumed checkpoint run code. Every checkpoint Lightning writes or reads (ModelCheckpoint,
+    the signal handler's save, a resume) goes through the strategy's CheckpointIO, so this one
+    plugin covers all of them. Remote (fsspec) paths keep Lightning's behaviour.
     """
 
     def save_checkpoint(
@@ -105,124 +46,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         rundir.atomic_write(path, lambda f: torch.save(checkpoint, f))
 
-
-# What a resume may not change silently: (group, keys that do not change training). Everything
-# in these groups counts except the listed keys (I/O, speed, exact alternative implementations).
-TRAINING_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("impl",),
-    "data": ("data_dir", "download", "num_workers", "verify_checksums", "pin_memory", "ten_crop"),
-    "optimizer": ("fused", "foreach"),
-    "scheduler": (),
-}
-TRAINING_KEYS = (
-    "seed",
-    "trainer.max_epochs",
-    "trainer.precision",
-    "trainer.accumulate_grad_batches",
-    "trainer.gradient_clip_val",
-    "trainer.gradient_clip_algorithm",
-    "trainer.limit_train_batches",
-    "trainer.overfit_batches",
-)
-ALLOW_FLAG = "allow_config_change"
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint(path, map_location="cpu" if map_location is None else map_location)
 
 
-def training_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
-    """The resolved values of `cfg` that decide how a run trains, as flat `a.b` keys."""
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    flat: dict[str, Any] = {}
-    for group, ignored in TRAINING_GROUPS.items():
-        node = container.get(group)
-        if not isinstance(node, dict):
-            flat[group] = node  # e.g. scheduler: null
-            continue
-        flat.update({f"{group}.{k}": v for k, v in node.items() if k not in ignored})
-    for key in TRAINING_KEYS:
-        group, _, name = key.rpartition(".")
-        node = container.get(group, {}) if group else container
-        flat[key] = node.get(name) if isinstance(node, dict) else None
-    return flat
+class DescribeCheckpoints(pl.Callback):
+    """Puts the run's description into every checkpoint (model and arguments, classes,
+    preprocessing, resolved config; rundir.checkpoint.RunDescription), so a checkpoint is usable
+    on its own, and writes `classes.json` and `preprocessing.json` into the run directory for
+    people and tools, as soon as the data is set up."""
 
+    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.model, self.model_args = model_spec(self.config["model"], "the run's config")
+        self.output_dir = output_dir
+        self.description: RunDescription | None = None
 
-def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, run's value, new value) for every training value that differs."""
-    return [
-        (key, before.get(key), after.get(key))
-        for key in sorted(before.keys() | after.keys())
-        if before.get(key) != after.get(key)
-    ]
+    def _describe(self, trainer: pl.Trainer) -> RunDescription:
+        if self.description is None:
+            data = trainer.datamodule  # set up by now: digits' statistics exist after setup()
+            self.description = RunDescription(
+                model=self.model,
+                model_args=self.model_args,
+                classes=list(data.classes),
+                preprocessing=Preprocessing.from_datamodule(data).to_dict(),
+                config=self.config,
+            )
+            if trainer.is_global_zero:
+                rundir.write_classes(self.description.classes, self.output_dir)
+                Preprocessing.from_dict(self.description.preprocessing).save(self.output_dir)
+        return self.description
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._describe(trainer)
 
-def check_config_change(cfg: DictConfig, ckpt_path: Path, run_dir: Path) -> bool:
-    """Refuse a resume whose config trains differently from the run that wrote the checkpoint.
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._describe(trainer)
 
-    The run's config is the latest of its history (rundir.config_history) in the checkpoint's
-    run directory, else in `run_dir`. `allow_config_change=true` lets a run be changed on purpose
-    (e.g. extended with a larger trainer.max_epochs); see `ResumedSchedule` for the schedule.
-    Returns whether the config changes training (and so whether ResumedSchedule is needed).
-    """
-    source = rundir.find_run_dir(ckpt_path) or run_dir
-    history = rundir.config_history(source)
-    if not history:
-        log.warning(f"resuming from {ckpt_path}: no config.yaml of its run to compare with")
-        return False
-    run_config = history[-1]
-    changes = config_changes(
-        training_config(OmegaConf.to_container(OmegaConf.load(run_config), resolve=False)),
-        training_config(cfg),
-    )
-    if not changes:
-        return False
-    shown = ", ".join(f"{k}: run {old!r}, now {new!r}" for k, old, new in changes[:4])
-    more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
-    if cfg.get(ALLOW_FLAG, False):
-        log.warning(f"resuming {source} with a changed config ({ALLOW_FLAG}): {shown}{more}")
-        return True
-    raise ConfigError(
-        f"resuming {source} with a config that trains differently from {run_config.name}: "
-        f"{shown}{more}. Resume with the run's values, or add {ALLOW_FLAG}=true to change the "
-        f"run on purpose (the rest of the run then follows the new schedule; README 'Resuming')."
-    )
-
-
-class ResumedSchedule(pl.Callback):
-    """After a resume that changed the recipe on purpose: the remaining epochs follow the new one.
-
-    Lightning restores the optimizer and scheduler from the checkpoint, hyper-parameters
-    included (a cosine schedule keeps its old T_max and would rise again past it). Here the
-    new config's scheduler options (T_max, milestones, gamma, ...) and optimizer options (lr,
-    weight_decay, momentum) replace the restored ones, and the current lr is recomputed in
-    closed form at the epoch reached: epoch e of the resumed run gets the lr the new schedule
-    gives epoch e. Only added when the config changed (a plain resume stays bit-exact).
-    """
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer_options = getattr(pl_module.optimizer_factory, "keywords", {})
-        scheduler_options = getattr(pl_module.scheduler_factory, "keywords", {})
-        changed = False
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                for key, value in optimizer_options.items():
-                    # Not lr: the group holds the scheduled lr; the base lr is initial_lr.
-                    if key in group and key not in ("params", "lr") and group[key] != value:
-                        group[key], changed = value, True
-                if "lr" in optimizer_options and group.get("initial_lr") != optimizer_options["lr"]:
-                    group["initial_lr"], changed = optimizer_options["lr"], True
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            for key, value in scheduler_options.items():
-                new = Counter(value) if key == "milestones" else value
-                if callable(value) or not hasattr(scheduler, key):
-                    continue
-                if getattr(scheduler, key) != new:
-                    setattr(scheduler, key, new)
-                    changed = True
-            if not changed:
-                continue  # same recipe (e.g. only trainer.max_epochs grew): keep the exact state
-            scheduler.base_lrs = [g["initial_lr"] for g in scheduler.optimizer.param_groups]
-            closed_form = getattr(scheduler, "_get_closed_form_lr", None)
-            lrs = closed_form() if closed_form else scheduler.get_lr()
-            for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr
-            scheduler._last_lr = list(lrs)
-            log.info(f"resumed schedule: epoch {trainer.current_epoch + 1} at lr {lrs[0]:.4g}")
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[DESCRIPTION_KEY] = self._describe(trainer).to_dict()

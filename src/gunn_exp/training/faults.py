@@ -17,7 +17,7 @@ import torch
 
 from gunn_exp import rundir
 from gunn_exp.errors import Interrupted, NonFiniteLoss
-from gunn_exp.training.checkpoints import checkpoint_position
+from gunn_exp.rundir.checkpoint import checkpoint_position
 
 log = logging.getLogger(__name__)
 

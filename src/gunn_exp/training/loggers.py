@@ -14,23 +14,18 @@ from typing import Any
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
+from gunn_exp.training.launch import in_multirun
 
 
 def sweep_group() -> str | None:
     """The multirun sweep directory's name, so a sweep's runs share one wandb group."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_cfg.sweep.dir).name
+    return Path(HydraConfig.get().sweep.dir).name if in_multirun() else None
 
 
 def wandb_group(cfg: DictConfig) -> str | None:

@@ -6,8 +6,8 @@ is created, so a resumed run would see other batches and other random draws than
 uninterrupted one. Kept beside Lightning's `seed_everything` (which seeds once per run) because
 per-epoch seeds are what make an epoch independent of how often the run was stopped:
 
-- `derive_seed`: the one function every seed comes from (global per epoch and rank, shuffling,
-  DataLoader worker seeds, the on-device loader's order and augmentation);
+- `derive_seed` (data/seeding.py): the one function every seed comes from (global per epoch and
+  rank, shuffling, DataLoader worker seeds, the on-device loader's order and augmentation);
 - `EpochSeeding`: seeds every epoch from (run seed, epoch, rank); a checkpoint written mid-epoch
   (on a signal, see faults.py) also carries the RNG states of that moment and how many batches
   of the epoch were done, and the resumed run continues from exactly there: a DataLoader skips
@@ -28,11 +28,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A well-mixed 32-bit seed for one (run seed, epoch, rank, stream, ...) combination: the
-    same in every process and every Python (unlike `hash`), independent for different keys."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+from gunn_exp.data.device_loader import DeviceLoader
+from gunn_exp.data.seeding import derive_seed
 
 
 def rng_states() -> dict[str, Any]:
@@ -151,8 +148,6 @@ class EpochSeeding(pl.Callback):
 
     def _prepare_loader(self, trainer: pl.Trainer, epoch: int, skip_batches: int) -> None:
         """Seed the train loader's generators for `epoch` and skip batches a resumed epoch did."""
-        from gunn_exp.data.device_loader import DeviceLoader  # it imports derive_seed from here
-
         loader = trainer.train_dataloader
         assert self.seed is not None
         if isinstance(loader, DeviceLoader):

@@ -6,33 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from gunn_exp.errors import ConfigError
-
 log = logging.getLogger(__name__)
-
-
-DEFAULT_TAGS = ["dev"]
-
-
-def require_tags(cfg: DictConfig) -> None:
-    """A multirun needs tags of its own (as in lightning-hydra-template): `tags=[dev]` on every
-    sweep would make a sweep's runs indistinguishable in wandb and results.json. Off with
-    `extras.enforce_tags=false`."""
-    if not cfg.extras.enforce_tags:
-        return
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    tags = list(cfg.get("tags") or [])
-    if not tags or tags == DEFAULT_TAGS:
-        raise ConfigError(
-            f"tags={tags} in a multirun: name the sweep with tags, e.g. "
-            f"tags=[lr_sweep,gunn15] (an experiment config may set them)."
-        )
 
 
 class SweepSummary(Callback):

@@ -12,15 +12,16 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
-from gunn_exp import rundir
 from gunn_exp.data import DigitsDataModule, ImageDataModule, ImageNetDataModule
 from gunn_exp.data.transforms import IMAGENET_EVAL_INTERPOLATION
+from gunn_exp.rundir.files import PREPROCESSING, write_json
 
 # Pillow's modes for 16-bit grey pixels (16-bit colour PNGs are already read as 8-bit "RGB").
 _GREY_16 = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -108,10 +109,15 @@ class Preprocessing:
             return self(to_8bit(img, path))
 
     def save(self, folder: str | Path) -> Path:
-        return rundir.write_json(Path(folder) / rundir.PREPROCESSING, asdict(self), sort_keys=False)
+        return write_json(Path(folder) / PREPROCESSING, self.to_dict(), sort_keys=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Preprocessing:
+        return cls(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
 
     @classmethod
     def read(cls, folder: str | Path) -> Preprocessing:
-        fields = json.loads((Path(folder) / rundir.PREPROCESSING).read_text())
-        fields["mean"], fields["std"] = tuple(fields["mean"]), tuple(fields["std"])
-        return cls(**fields)
+        return cls.from_dict(json.loads((Path(folder) / PREPROCESSING).read_text()))

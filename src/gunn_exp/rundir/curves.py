@@ -1,16 +1,14 @@
-"""Figures: training curves of one run (or several runs on one axis set)."""
+"""`curves.png`: a run's loss and error per epoch (or several runs on one set of axes)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib as mpl
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: training runs headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from gunn_exp import rundir  # noqa: E402
+from gunn_exp.rundir.files import atomic_write
 
 Rows = Sequence[Mapping[str, float]]
 
@@ -24,8 +22,10 @@ def plot_curves(
     `train/err1`, `val/err1` (missing keys are skipped). The file is replaced atomically.
     `loss_scale="log"` shows losses that fall by orders of magnitude (comparisons of runs).
     """
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] * (1 + len(runs) // 10)
+    # A bare Figure, not pyplot's: no global backend to switch, nothing to close, safe in threads.
+    fig = Figure(figsize=(11, 4))
+    ax_loss, ax_err = fig.subplots(1, 2)
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"] * (1 + len(runs) // 10)
     for color, (label, rows) in zip(colors, runs.items(), strict=False):
         for ax, key in ((ax_loss, "loss"), (ax_err, "err1")):
             for split, style in (("train", "--"), ("val", "-")):
@@ -46,6 +46,5 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return Path(path)

@@ -1,4 +1,4 @@
-"""Reading a checkpoint and putting its weights into a model: exactly (inference) or all but the
+"""Putting a checkpoint's weights into a model: exactly (inference, testing) or all but the
 classifier (fine-tuning), refusing with the differing tensors named when the architectures do not
 match.
 
@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from gunn_exp.errors import CheckpointError
 from gunn_exp.models.pretrained import read_state_dict
-from gunn_exp.rundir import run_model_name
+from gunn_exp.rundir.checkpoint import RunDescription, load_checkpoint, model_state
+from gunn_exp.rundir.configs import run_model_name
 
 log = logging.getLogger(__name__)
 
-PREFIX = "model."  # ClassificationModule keeps the network under `self.model`
 SHOWN = 4  # differing tensors named in a message
 
 
@@ -88,64 +87,29 @@ def _more(items: list[Any]) -> str:
     return f", ... {len(items) - SHOWN} more" if len(items) > SHOWN else ""
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint (a dict with a `state_dict`) or refuse it with a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # pickle/zip errors of every kind mean the same thing here
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}: {err}); "
-            f"use another checkpoint of the run (e.g. checkpoints/best.ckpt or last.ckpt)."
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(
-            f"checkpoint {path} has no 'state_dict': it was not written by gunn-exp/Lightning."
-        )
-    return ckpt
-
-
-def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
-    """The network's tensors of a ClassificationModule checkpoint, keys without `model.`."""
-    state = {k[len(PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
-    if not state:
-        raise CheckpointError(
-            f"checkpoint {path} holds no network weights (no '{PREFIX}*' tensors): it was not "
-            f"written by gunn-exp's train.py."
-        )
-    return state
-
-
 def classifier_keys(model: nn.Module) -> set[str]:
     """State keys of the classifier (`fc`, the model API's last Linear): replaced on fine-tuning."""
     return {f"fc.{k}" for k in model.fc.state_dict()}
 
 
-def _network_state(path: str | Path) -> dict[str, Tensor]:
-    """The network's tensors of a training checkpoint, a .safetensors file or an export folder."""
-    if Path(path).suffix == ".safetensors" or Path(path).is_dir():
-        return read_state_dict(path)
-    return model_state(load_checkpoint(path), path)
+def trained_as(ckpt: dict[str, Any] | None, path: str | Path) -> str | None:
+    """The model a checkpoint was trained as: its own description, else its run's config.yaml."""
+    described = RunDescription.from_checkpoint(ckpt, path) if ckpt is not None else None
+    return described.model if described else run_model_name(path)
 
 
-def load_weights(model: nn.Module, path: str | Path, model_name: str) -> dict[str, Any]:
-    """Load every tensor of checkpoint `path` into `model`, or refuse naming what differs.
-
-    Returns the checkpoint (for its epoch and other metadata).
-    """
-    ckpt = load_checkpoint(path)
+def load_weights(model: nn.Module, ckpt: dict[str, Any], path: str | Path, model_name: str) -> None:
+    """Load every network tensor of checkpoint `ckpt` (read from `path`) into `model`, or refuse
+    naming what differs."""
     state = model_state(ckpt, path)
     diff = StateDiff.between(model, state)
     if diff:
         raise CheckpointError(
             f"checkpoint {path} does not match model {model_name}: {diff}. It was trained as "
-            f"model {run_model_name(path) or '<unknown>'}; use a checkpoint of this run, or the "
+            f"model {trained_as(ckpt, path) or '<unknown>'}; use a checkpoint of this run, or the "
             f"run the checkpoint belongs to."
         )
     model.load_state_dict(state)
-    return ckpt
 
 
 def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> list[str]:
@@ -154,7 +118,9 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
     The classifier is kept when it has the same shape (same number of classes) and left freshly
     initialised otherwise; every other tensor must match. Returns the re-initialised keys.
     """
-    state = _network_state(path)
+    plain = Path(path).suffix == ".safetensors" or Path(path).is_dir()  # export.py's output
+    ckpt = None if plain else load_checkpoint(path)
+    state = read_state_dict(path) if ckpt is None else model_state(ckpt, path)
     head = classifier_keys(model)
     diff = StateDiff.between(model, state)
     backbone = diff.without(head)
@@ -162,7 +128,7 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
         raise CheckpointError(
             f"init_from={path}: its backbone does not match model {model_name}: {backbone}. "
             f"Fine-tuning needs the architecture the checkpoint was trained with (only the "
-            f"number of classes may change): set model={run_model_name(path) or '<that model>'}."
+            f"number of classes may change): set model={trained_as(ckpt, path) or '<that model>'}."
         )
     fresh = sorted({k for k, _, _ in diff.shapes} | set(diff.missing))
     copied = {k: v for k, v in state.items() if k not in fresh and k not in diff.unexpected}

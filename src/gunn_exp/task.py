@@ -1,4 +1,9 @@
-"""The LightningModule: cross-entropy training of any image classifier, errors in percent."""
+"""The task every run trains, tests and evaluates: cross-entropy classification, errors in percent.
+
+One LightningModule below both `training/` and `inference/`, so eval.py scores a checkpoint with
+exactly the steps and metrics its run was trained and tested with; its `state_dict` (the network
+under `model.`, the best validation error so far) is what a checkpoint holds.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from torch import Tensor, nn
 from torchmetrics import MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from gunn_exp.data.crops import CROP_REDUCTIONS, reduce_crops
 from gunn_exp.models.compile import compile_regions
-from gunn_exp.training.crops import CROP_REDUCTIONS, reduce_crops
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -40,7 +45,7 @@ class ClassificationModule(pl.LightningModule):
     hyper-parameter; the scheduler steps once per epoch, as in the paper's recipes.
 
     A 5-D batch (N, crops, C, H, W) is multi-crop evaluation: the crops' logits are combined by
-    `ten_crop_reduce` (training.crops: `logits`, the authors' rule, or `softmax`), and the loss
+    `ten_crop_reduce` (data.crops: `logits`, the authors' rule, or `softmax`), and the loss
     and errors are those of the combined logits.
     """
 

@@ -1,0 +1,56 @@
+"""What is refused before a run starts: the config's values, the sweep's tags, strategies whose
+results never come back, and `train`/`test`/`ckpt_path` combinations that would do nothing or
+overwrite a trained run. Each refusal is one ConfigError naming the value and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gunn_exp import rundir
+from gunn_exp.config import validate_config
+from gunn_exp.errors import ConfigError
+from gunn_exp.training.launch import in_multirun, refuse_child_process_ranks
+
+DEFAULT_TAGS = ["dev"]
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Every pre-run refusal, in the order a user would fix them."""
+    validate_config(cfg)
+    require_tags(cfg)
+    refuse_child_process_ranks(cfg)
+    check_train_test(cfg)
+
+
+def require_tags(cfg: DictConfig) -> None:
+    """A multirun needs tags of its own (as in lightning-hydra-template): `tags=[dev]` on every
+    sweep would make a sweep's runs indistinguishable in wandb and results.json. Off with
+    `extras.enforce_tags=false`."""
+    if not cfg.extras.enforce_tags or not in_multirun():
+        return
+    tags = list(cfg.get("tags") or [])
+    if not tags or tags == DEFAULT_TAGS:
+        raise ConfigError(
+            f"tags={tags} in a multirun: name the sweep with tags, e.g. "
+            f"tags=[lr_sweep,gunn15] (an experiment config may set them)."
+        )
+
+
+def check_train_test(cfg: DictConfig) -> None:
+    """`train=false` tests a checkpoint: it needs one, needs `test=true`, and must not overwrite
+    the results of a trained run."""
+    if cfg.train:
+        return
+    if cfg.ckpt_path is None or not cfg.test:
+        raise ConfigError(
+            f"train=false needs a checkpoint to test and test=true: add ckpt_path=<file.ckpt> "
+            f"(got ckpt_path={cfg.ckpt_path}, test={cfg.test}); or use eval.py ckpt_path=..."
+        )
+    results = Path(cfg.paths.output_dir) / rundir.RESULTS
+    if results.is_file():
+        raise ConfigError(
+            f"train=false would overwrite {results} of a trained run; test into a new directory "
+            f"(drop hydra.run.dir) or use eval.py ckpt_path={cfg.ckpt_path}."
+        )

@@ -1,0 +1,50 @@
+"""What surrounds a run's work, as lightning-hydra-template's `task_wrapper`: the run directory's
+lock, one line for a full disk wherever the write failed, and the wandb run closed either way."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from pytorch_lightning.utilities import rank_zero_only
+
+from gunn_exp import rundir
+from gunn_exp.errors import DiskFull
+from gunn_exp.rundir.checkpoint import checkpoint_position
+from gunn_exp.rundir.lock import RunLock
+from gunn_exp.training.loggers import finish_wandb_run
+
+
+@contextmanager
+def run_guard(output_dir: Path) -> Iterator[None]:
+    """Lock `output_dir` while the run writes into it (rank 0 holds the lock; the other ranks of
+    a DDP run write into the same run on purpose), turn a full disk into `DiskFull` saying which
+    checkpoint is intact, and end this process's wandb run."""
+    lock = RunLock(output_dir) if rank_zero_only.rank == 0 else nullcontext()
+    with lock:
+        failed = True
+        try:
+            yield
+            failed = False
+        except Exception as err:  # a full disk, wherever the write was (ours or a library's)
+            cause = rundir.out_of_space(err)
+            if cause is None:
+                raise
+            path = err.path if isinstance(err, DiskFull) else cause.filename or output_dir
+            free = shutil.disk_usage(output_dir).free
+            raise DiskFull(str(path), free, intact_checkpoint_note(output_dir)) from err
+        finally:
+            finish_wandb_run(failed)
+
+
+def intact_checkpoint_note(run_dir: Path) -> str:
+    """What survives a failed write: the last checkpoint (atomic writes leave it whole)."""
+    last = rundir.checkpoint_path(run_dir, rundir.LAST)
+    if not last.is_file():
+        return "no checkpoint was written yet; free space and start the run again."
+    return (
+        f"{last} is intact ({checkpoint_position(last)}); free space and resume with "
+        f"`ckpt_path=last hydra.run.dir={run_dir}` and the run's overrides."
+    )
