@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from gunn_exp.models import IMPLEMENTATIONS, GunnLayer, create_model
-from gunn_exp.models.impls import KEEP
+from gunn_exp.models.whole_layer import KEEP
 
 IMPLS = sorted(IMPLEMENTATIONS)
 TIGHT = {"rtol": 1e-9, "atol": 1e-10}

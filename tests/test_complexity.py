@@ -9,7 +9,6 @@ import torch
 from conftest import run_entry
 from torch import nn
 
-import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN implementations)
 from gunn_exp.analysis.complexity import (
     count_macs,
     count_params,

@@ -17,7 +17,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-import gunn_exp.models.impls  # noqa: F401  (registers the memory-light GUNN implementations)
 from gunn_exp.inference.export import export_run
 from gunn_exp.inference.run import load_run
 from gunn_exp.models import create_model

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from gunn_exp.analysis.complexity import saved_activation_bytes
 from gunn_exp.models import IMPLEMENTATIONS, GunnLayer, create_model
-from gunn_exp.models.impls import KEEP
 from gunn_exp.models.layer import DEFAULT_IMPL
+from gunn_exp.models.whole_layer import KEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = sorted(set(IMPLEMENTATIONS) - {"reference"})

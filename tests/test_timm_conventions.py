@@ -20,9 +20,10 @@ from torch import nn
 
 from gunn_exp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, cifar_stats
 from gunn_exp.models import IMPLEMENTATIONS, GunnLayer, create_model, list_models
+from gunn_exp.models.features import FeatureExtractor
 from gunn_exp.models.gunn import symbolic_trace
 from gunn_exp.models.layer import DEFAULT_IMPL
-from gunn_exp.models.registry import FeatureExtractor, pretrained_cfgs, resolve_pretrained_cfg
+from gunn_exp.models.registry import pretrained_cfgs, resolve_pretrained_cfg
 
 EXTRA = MODEL_EXTRA  # the generic builder's architecture
 # torch.export traces every segment of every GUNN layer: minutes for these, seconds for the rest.

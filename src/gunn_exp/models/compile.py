@@ -12,7 +12,7 @@ Which region is compiled depends on how the layer's implementation runs the unit
   compiled; the update loop (slicing, concatenation) stays in Python.
 - the whole-layer autograd Functions (`SEGMENT_IMPLS`: `recompute`, `keep_in`, `keep_convs`) run
   G_i's forward and its backward as two segment functions: those are compiled
-  (`impls.compiled_ops`, set through `GunnLayer.impl_options`), once per shape for all layers.
+  (`whole_layer.compiled_ops`, set through `GunnLayer.impl_options`), once per shape for all layers.
   The per-layer bookkeeping (one clone, the segment writes, the batched BatchNorm affines) stays
   eager: a few operators per segment.
 - `recat` never calls `GunnUnit.forward` and has no segment function, so its smallest
@@ -30,8 +30,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from gunn_exp.models.impls import KEEP
 from gunn_exp.models.layer import GunnLayer
+from gunn_exp.models.whole_layer import KEEP
 
 # Implementations whose update loop calls every GunnUnit as a module (see the module docstring).
 UNIT_IMPLS = frozenset({"reference"})

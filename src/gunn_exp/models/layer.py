@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 UPDATES = ("gradual", "simultaneous")
 # GunnLayer's implementation unless told otherwise: the best measured trade-off (see
-# docs/PERFORMANCE.md). Registered by gunn_exp.models.impls, which the package imports.
+# docs/PERFORMANCE.md). Registered by gunn_exp.models.whole_layer, which the package imports.
 DEFAULT_IMPL = "recompute"
 
 

@@ -13,7 +13,6 @@ No weights are published for these models: pretrained=True needs a source given 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -62,9 +61,14 @@ def imagenet_cfg(pool_size: tuple[int, int] | None = (7, 7)) -> dict:
     }
 
 
-def as_dict(cfg: Any) -> dict:
-    """A pretrained cfg given as a dict or as timm's PretrainedCfg dataclass, as a new dict."""
-    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+def cifar_cfgs(pool_size: tuple[int, int] | None = (8, 8)) -> dict[str, dict]:
+    """A CIFAR model's pretrained cfgs by tag: "cifar10" (the default) and "cifar100"."""
+    return {d: cifar_cfg(d, pool_size) for d in ("cifar10", "cifar100")}
+
+
+def imagenet_cfgs(pool_size: tuple[int, int] | None = (7, 7)) -> dict[str, dict]:
+    """An ImageNet model's pretrained cfgs by tag: "in1k"."""
+    return {"in1k": imagenet_cfg(pool_size)}
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

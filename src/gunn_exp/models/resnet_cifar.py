@@ -2,14 +2,19 @@
 
 The widespread CIFAR variant of He et al.'s ResNet-18: a 3x3 stride-1 stem without max pooling,
 BasicBlocks [2, 2, 2, 2] of widths 64, 128, 256, 512 (stride 2 from the second stage on), global
-average pooling and a linear classifier. It exposes the same model API as `Gunn`.
+average pooling and a linear classifier. It exposes the same model API as `Gunn` and is
+registered as `resnet18_cifar`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from gunn_exp.models.gunn import ImageClassifier, conv_bn_relu, init_weights
+from gunn_exp.models.pretrained import cifar_cfgs
+from gunn_exp.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -64,3 +69,9 @@ class ResNetCifar(ImageClassifier):
         self.head = nn.Identity()
         self._build_head(in_width, num_classes, drop_rate, global_pool)
         init_weights(self)
+
+
+@register_model(cfgs=cifar_cfgs(pool_size=(4, 4)))
+def resnet18_cifar(**options: Any) -> ResNetCifar:
+    """CIFAR ResNet-18 (3x3 stem, no max pool): a yardstick for benchmarks, not a GUNN."""
+    return ResNetCifar(**options)

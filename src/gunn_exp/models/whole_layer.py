@@ -1,42 +1,30 @@
-"""Memory-light implementations of the GUNN update loop (issue 4), registered in `IMPLEMENTATIONS`.
+"""GUNN implementations `"recompute"`, `"keep_in"`, `"keep_convs"`: the layer as one Function.
 
-Every implementation computes the sequential rule of docs/SPEC.md §1 with the parameters of the
-layer's `GunnUnit`s and updates each BatchNorm's running statistics once per forward, as
-`"reference"` does; they differ in what they keep for backward and what they recompute:
+Autograd would store every z_i of the update loop (docs/SPEC.md §1), K x C channels per layer, and
+launch one node per operator of every G_i. Instead, forward runs without autograd in one buffer,
+`buf[:, seg_i] += G_i(buf)` in place, and keeps x, the output y, every BatchNorm's batch statistics
+(two numbers per channel) and, per segment, nothing (`recompute`), the first conv's output (3o
+channels, `keep_in`) or all three conv outputs (6o, `keep_convs`). Backward walks i = K..1, turning
+a copy of y back into z_i = cat(y_<i, x_>=i) one segment at a time, recomputes what was not kept
+(BatchNorm with the *saved* statistics, so running statistics are not touched twice) and
+backpropagates through G_i with the explicit backward functions of `gunn_exp.models.functional`,
+accumulating dL/dz_i = dL/dz_{i+1} + J_i^T dL/dy_i in one buffer (J_i: Jacobian of G_i). Outputs,
+gradients and BatchNorm buffers are `"reference"`'s up to rounding (tests/test_impls.py).
 
-`"recat"`
-    The authors' trick: "concat + first conv" is checkpointed (`torch.utils.checkpoint`), which
-    keeps references to x and to the y_j that exist anyway and re-concatenates z_i in backward, so
-    the K concatenated z_i (K x C channels per layer) are never stored. The rest of G_i runs
-    through autograd. (Measured against the former hand-written Function: bit-identical outputs,
-    gradients and BN buffers, the same saved bytes, within 2% of its step time at batch 16.)
-`"recompute"`, `"keep_in"`, `"keep_convs"`
-    The whole layer is one autograd Function. Forward runs without autograd in one buffer,
-    `buf[:, seg_i] += G_i(buf)` in place, and keeps x, the output y, every BatchNorm's batch
-    statistics (two numbers per channel) and, per segment, nothing (`recompute`), the first conv's
-    output (3o channels, `keep_in`) or all three conv outputs (6o, `keep_convs`).
-    Backward walks i = K..1, turning a copy of y back into z_i = cat(y_<i, x_>=i) one segment at a
-    time, recomputes what was not kept (BatchNorm with the *saved* statistics, so running
-    statistics are not touched twice) and backpropagates through G_i with explicit ATen backward
-    ops, accumulating dL/dz_i = dL/dz_{i+1} + J_i^T dL/dy_i in one buffer (J_i: Jacobian of G_i).
-    The 1x1 convolutions are plain matrix products (see `_conv1x1`).
+The simultaneous update (SUNN) works too; there every z_i is x itself. Under autocast G_i is
+computed in the autocast dtype, like `"reference"`. Each BatchNorm keeps its own train/eval mode (a
+frozen, eval-mode BatchNorm in a training model uses and keeps its running statistics); a training
+BatchNorm with one value per channel raises PyTorch's error; `nn.SyncBatchNorm` across processes is
+synchronised inside the Function, so `trainer.sync_batchnorm=true` keeps the fast path. Modules the
+Function does not compute itself (FrozenBatchNorm2d, BatchNorm subclasses, untracked or non-affine
+BatchNorm, conv subclasses) make the layer run `"reference"`'s path instead (see `_fusable`).
 
-The simultaneous update (SUNN) works in every implementation; there every z_i is x itself.
-Under autocast the whole-layer Function computes G_i in the autocast dtype, like `"reference"`.
-
-BatchNorm, as the modules would do it: each BatchNorm keeps its own train/eval mode (a frozen,
-eval-mode BatchNorm in a training model uses and keeps its running statistics); a training
-BatchNorm with one value per channel raises PyTorch's error; `nn.SyncBatchNorm` across processes
-is synchronised inside the Function (global batch statistics forward, all-reduced gradient
-reductions backward, as SyncBatchNorm does), on any device, so `trainer.sync_batchnorm=true` keeps
-the fast path. Modules the Function does not compute itself (FrozenBatchNorm2d, BatchNorm
-subclasses, untracked or non-affine BatchNorm, conv subclasses) make the layer run `"reference"`'s
-path instead (see `_fusable`).
-
-Kernel count: per-layer work is done once for all K units where it can be (one foreach update of
-the batch counters, one foreach cast of the conv weights under autocast, the BatchNorm recompute
-affines of all units in a few operators), since on a GPU every launched operator costs
-microseconds; `gunn_exp.models.opcount` counts them.
+G_i's forward and backward are two segment functions (`_segment_forward`, `_segment_backward`),
+run eagerly (`EAGER_OPS`) or under `torch.compile` (`compiled_ops`, what
+`gunn_exp.models.compile.compile_regions` selects). Per-layer work is done once for all K units
+where it can be (one foreach update of the batch counters, one foreach cast of the conv weights
+under autocast, the BatchNorm recompute affines of all units in a few operators), since on a GPU
+every launched operator costs microseconds; `gunn_exp.models.opcount` counts them.
 """
 
 from __future__ import annotations
@@ -46,12 +34,23 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from gunn_exp.models.functional import (
+    affine_relu,
+    bn_affine,
+    bn_backward,
+    bn_forward,
+    bn_momenta,
+    conv1x1,
+    conv1x1_backward,
+    is_channels_last,
+    sync_group,
+)
 from gunn_exp.models.layer import GunnUnit, reference_update, register_impl
+
+aten = torch.ops.aten
 
 aten = torch.ops.aten
 
@@ -70,194 +69,6 @@ _TENSORS_PER_UNIT = 15
 _STATS_PER_UNIT = 6  # (mean, invstd) of bn_in, bn_mid, bn_out
 
 
-def _momenta(bns: Sequence[nn.BatchNorm2d]) -> list[float]:
-    """Count the batch and return the running-average factors, as `_BatchNorm.forward` does.
-
-    The counters of the training BatchNorms are incremented by one foreach op, not one op each.
-    """
-    tracked = [bn.num_batches_tracked for bn in bns if bn.training]
-    if tracked:
-        torch._foreach_add_(tracked, 1)
-    momenta = []
-    for bn in bns:
-        if bn.momentum is None:  # cumulative moving average
-            momenta.append(1.0 / float(bn.num_batches_tracked) if bn.training else 0.0)
-        else:
-            momenta.append(bn.momentum)
-    return momenta
-
-
-def _sync_group(bn: nn.BatchNorm2d) -> Any:
-    """The process group whose statistics `bn` averages over, or None (SyncBatchNorm's rule)."""
-    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = bn.process_group or dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
-
-
-# --------------------------------------------------------------------------------------------
-# "recat": the authors' re-concatenation trick; everything else goes through autograd.
-
-
-def _concat_conv1x1(weight: Tensor, *pieces: Tensor) -> Tensor:
-    """conv1x1(cat(pieces), weight): what "recat" checkpoints (no randomness to preserve)."""
-    return F.conv2d(torch.cat(pieces, dim=1), weight)
-
-
-def _unit_after_conv_in(unit: GunnUnit, a: Tensor) -> Tensor:
-    """`GunnUnit.forward` from the first conv's output on (same modules, same ops, same order)."""
-    a = unit.bn_in(a)
-    h = torch.relu(a[:, : unit.hidden])
-    h = torch.relu(unit.bn_mid(unit.conv_mid(h)))
-    h = unit.bn_out(unit.conv_out(h))
-    return h + a[:, unit.hidden :] if unit.projection else h
-
-
-@register_impl("recat")
-def recat_update(x: Tensor, units: Sequence[GunnUnit], update: str) -> Tensor:
-    """The sequential rule with z_i re-concatenated in backward instead of stored."""
-    xs = list(x.split(units[0].width, dim=1))
-    if update == "simultaneous":  # every z_i is x: nothing is concatenated
-        return torch.cat([xi + unit(x) for xi, unit in zip(xs, units, strict=True)], dim=1)
-    ys: list[Tensor] = []
-    for i, unit in enumerate(units):
-        a = checkpoint(
-            _concat_conv1x1,
-            unit.conv_in.weight,
-            *ys,
-            *xs[i:],
-            use_reentrant=False,
-            preserve_rng_state=False,
-        )
-        ys.append(xs[i] + _unit_after_conv_in(unit, a))
-    return torch.cat(ys, dim=1)
-
-
-# --------------------------------------------------------------------------------------------
-# 1x1 convolutions as matrix products. On CPU they run several times faster than the convolution
-# kernels for these thin layers, allocate nothing but their result (no layout reorders), and let
-# backward accumulate dL/dz in place. NCHW and channels_last inputs each map to one GEMM shape.
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _conv1x1(t: Tensor, weight: Tensor) -> Tensor:
-    """F.conv2d(t, weight) for a bias-free 1x1 weight."""
-    n, c, h, w = t.shape
-    w2 = weight.view(weight.shape[0], c)
-    if _is_channels_last(t):
-        return F.linear(t.permute(0, 2, 3, 1), w2).permute(0, 3, 1, 2)
-    # bmm over the batch, not matmul: with a weight that requires grad, matmul folds the batch
-    # into one GEMM on a transposed copy of t.
-    return torch.bmm(w2.expand(n, -1, -1), t.reshape(n, c, h * w)).view(n, -1, h, w)
-
-
-def _conv1x1_backward(
-    grad: Tensor, t: Tensor, weight: Tensor, into: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Gradients (weight, input) of `_conv1x1(t, weight)`.
-
-    With `into`, the input gradient is added to it in place (one GEMM with accumulation instead of
-    a product plus a pass over a C-channel temporary) and `into` is returned.
-    """
-    n, c, h, w = t.shape
-    w2 = weight.view(weight.shape[0], c)
-    if _is_channels_last(t):
-        t2 = t.permute(0, 2, 3, 1).reshape(-1, c)
-        g2 = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
-        if into is None:
-            grad_t = (g2 @ w2).view(n, h, w, c).permute(0, 3, 1, 2)
-        else:
-            grad_t, acc = into, into.permute(0, 2, 3, 1).view(-1, c)
-            acc.addmm_(g2, w2) if acc.dtype == g2.dtype else acc.add_(g2 @ w2)
-        return (g2.t() @ t2).view_as(weight), grad_t
-    t3 = t.reshape(n, c, h * w)
-    g3 = grad.reshape(n, -1, h * w)
-    w2t = w2.t().expand(n, -1, -1)
-    if into is None:
-        grad_t = torch.bmm(w2t, g3).view(n, c, h, w)
-    else:
-        grad_t, acc = into, into.view(n, c, h * w)
-        acc.baddbmm_(w2t, g3) if acc.dtype == g3.dtype else acc.add_(torch.bmm(w2t, g3))
-    return torch.bmm(g3, t3.transpose(1, 2)).sum(0).view_as(weight), grad_t
-
-
-# --------------------------------------------------------------------------------------------
-# Whole-layer Function: in-place forward, recompute-what-was-not-kept backward.
-
-
-def _sync_batch_stats(t: Tensor, group: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel (mean, biased variance, count) over the batches of every rank in `group`.
-
-    Each rank sends its (mean, sum of squared deviations, count) and combines the gathered ones
-    with Chan's parallel formula: one collective per BatchNorm, as SyncBatchNorm, and no
-    cancellation of large sums. Ranks may hold different batch sizes.
-    """
-    c = t.shape[1]
-    tf = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    var, mean = torch.var_mean(tf, dim=(0, 2, 3), correction=0)
-    count = torch.full((1,), t.numel() // c, dtype=mean.dtype, device=mean.device)
-    local = torch.cat([mean, var * count, count])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    stats = torch.stack(gathered)  # (ranks, 2C + 1)
-    means, m2s, counts = stats[:, :c], stats[:, c : 2 * c], stats[:, 2 * c :]
-    total = counts.sum()
-    mean = (means * counts).sum(0) / total
-    var = (m2s + counts * (means - mean).square()).sum(0) / total
-    return mean, var, total
-
-
-def _bn_forward(
-    t: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running: Sequence[Tensor],
-    momentum: float,
-    eps: float,
-    training: bool,
-    group: Any,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """BatchNorm forward: (output, mean, invstd, global count); updates running stats in training.
-
-    In eval the statistics returned are the running ones (mean, 1/sqrt(var + eps)), so backward
-    has a single recompute path. With a process `group` (SyncBatchNorm across ranks) the batch
-    statistics are those of the global batch, whose element count per channel backward needs;
-    without one the count is None.
-    """
-    running_mean, running_var = running
-    if group is not None:
-        mean, var, total = _sync_batch_stats(t, group)
-        running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-        running_var.mul_(1 - momentum).add_(var * (total / (total - 1)), alpha=momentum)
-        out = aten.native_batch_norm(t, weight, bias, mean, var, False, 0.0, eps)[0]
-        return out, mean, torch.rsqrt(var + eps), total
-    out, mean, invstd = aten.native_batch_norm(
-        t, weight, bias, running_mean, running_var, training, momentum, eps
-    )
-    if not training:
-        mean, invstd = running_mean.clone(), torch.rsqrt(running_var + eps)
-    return out, mean, invstd, None
-
-
-def _bn_affine(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of BatchNorm with given statistics: BN(t) = t * scale + shift per channel.
-
-    Elementwise, so one call serves the stacked statistics of every unit of a layer.
-    """
-    scale = invstd * weight
-    return scale, bias - mean * scale
-
-
-def _affine_relu(t: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """relu(t * scale + shift) per channel, in t's dtype (BatchNorm's output dtype)."""
-    return torch.relu_(torch.addcmul(shift[:, None, None], t, scale[:, None, None]).to(t.dtype))
-
-
 def _cast_all(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """`[t.to(dtype) for t in tensors]` as one foreach copy: one operator, not one per tensor."""
     if all(t.dtype == dtype for t in tensors):
@@ -265,46 +76,6 @@ def _cast_all(tensors: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
     out = [torch.empty_like(t, dtype=dtype) for t in tensors]
     torch._foreach_copy_(out, list(tensors))
     return out
-
-
-def _bn_backward(
-    grad: Tensor,
-    t: Tensor,
-    weight: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    eps: float,
-    training: bool,
-    group: Any,
-    count: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of BatchNorm w.r.t. (input, weight, bias), given the statistics it used.
-
-    With a process `group` the input gradient uses the global batch's reductions (all-reduced
-    here and divided by the global `count`, as SyncBatchNorm does); the weight and bias gradients
-    stay this rank's share, which DistributedDataParallel sums like every other parameter
-    gradient.
-    """
-    if group is not None:
-        xmu = t - mean[:, None, None]
-        sum_dy = grad.sum((0, 2, 3), dtype=mean.dtype)
-        sum_dy_xmu = (grad * xmu).sum((0, 2, 3), dtype=mean.dtype)
-        reduced = torch.cat([sum_dy, sum_dy_xmu])
-        dist.all_reduce(reduced, group=group)
-        mean_dy, mean_dy_xmu = (reduced / count).chunk(2)
-        grad_t = (grad - mean_dy[:, None, None]) - xmu * (invstd.square() * mean_dy_xmu)[
-            :, None, None
-        ]
-        grad_t = (grad_t * (invstd * weight)[:, None, None]).to(t.dtype)
-        return grad_t, sum_dy_xmu * invstd, sum_dy.to(weight.dtype)
-    if training:
-        return aten.native_batch_norm_backward(
-            grad, t, weight, None, None, mean, invstd, True, eps, [True, True, True]
-        )
-    # Eval: BatchNorm is the fixed per-channel affine map of the running statistics.
-    xhat = (t - mean[:, None, None]) * invstd[:, None, None]
-    grad_t = (grad * (invstd * weight)[:, None, None]).to(t.dtype)
-    return grad_t, (grad * xhat).sum((0, 2, 3)), grad.sum((0, 2, 3)).to(weight.dtype)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -368,7 +139,7 @@ class _Spec:
         self.width = unit.width
         self.gradual = gradual
         training = [bn.training for bn in bns]
-        groups = [_sync_group(bn) for bn in bns]
+        groups = [sync_group(bn) for bn in bns]
         n, _, h, w = x.shape
         local = [t and g is None for t, g in zip(training, groups, strict=True)]
         if n * h * w == 1 and any(local):
@@ -376,7 +147,7 @@ class _Spec:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {size}"
             )
-        momenta, eps, dtype = _momenta(bns), [bn.eps for bn in bns], _compute_dtype(x)
+        momenta, eps, dtype = bn_momenta(bns), [bn.eps for bn in bns], _compute_dtype(x)
         self.segments = [
             _Segment(
                 unit.hidden,
@@ -410,16 +181,16 @@ def _segment_forward(
     What backward needs: each BatchNorm's (mean, invstd), then the conv outputs in `seg.keep`.
     """
     hid, (w_in, w_mid, w_out) = seg.hidden, convs
-    a = _conv1x1(z.to(seg.dtype), w_in)
-    a_bn, mean_in, inv_in, count = _bn_forward(
+    a = conv1x1(z.to(seg.dtype), w_in)
+    a_bn, mean_in, inv_in, count = bn_forward(
         a, *affine[0:2], running[0:2], seg.momenta[0], seg.eps[0], seg.training[0], groups[0]
     )
     m = F.conv2d(torch.relu_(a_bn[:, :hid]), w_mid, padding=1)
-    m_bn, mean_mid, inv_mid, _ = _bn_forward(
+    m_bn, mean_mid, inv_mid, _ = bn_forward(
         m, *affine[2:4], running[2:4], seg.momenta[1], seg.eps[1], seg.training[1], groups[1]
     )
-    c = _conv1x1(torch.relu_(m_bn), w_out)
-    c_bn, mean_out, inv_out, _ = _bn_forward(
+    c = conv1x1(torch.relu_(m_bn), w_out)
+    c_bn, mean_out, inv_out, _ = bn_forward(
         c, *affine[4:6], running[4:6], seg.momenta[2], seg.eps[2], seg.training[2], groups[2]
     )
     if seg.projection:
@@ -456,17 +227,17 @@ def _segment_backward(
     train, eps = seg.training, seg.eps
     grad_out, z = grad_out.to(seg.dtype), z.to(seg.dtype)
     # Recompute what was not kept; BatchNorm uses the saved statistics.
-    a = kept["a"] if "a" in kept else _conv1x1(z, w_in)
-    h1 = _affine_relu(a[:, :hid], scale_in, shift_in)
+    a = kept["a"] if "a" in kept else conv1x1(z, w_in)
+    h1 = affine_relu(a[:, :hid], scale_in, shift_in)
     m = kept["m"] if "m" in kept else F.conv2d(h1, w_mid, padding=1)
-    h2 = _affine_relu(m, scale_mid, shift_mid)
-    c = kept["c"] if "c" in kept else _conv1x1(h2, w_out)
+    h2 = affine_relu(m, scale_mid, shift_mid)
+    c = kept["c"] if "c" in kept else conv1x1(h2, w_out)
     # Backpropagate through G_i, in reverse order of its forward.
-    g_c, d_g_out, d_b_out = _bn_backward(
+    g_c, d_g_out, d_b_out = bn_backward(
         grad_out, c, g_out, mean_out, inv_out, eps[2], train[2], groups[2], count
     )
-    d_w_out, g_h2 = _conv1x1_backward(g_c, h2, w_out)
-    g_m, d_g_mid, d_b_mid = _bn_backward(
+    d_w_out, g_h2 = conv1x1_backward(g_c, h2, w_out)
+    g_m, d_g_mid, d_b_mid = bn_backward(
         aten.threshold_backward(g_h2, h2, 0),
         m,
         g_mid,
@@ -486,10 +257,10 @@ def _segment_backward(
     g_a_bn = aten.threshold_backward(g_h1, h1, 0)
     if seg.projection:
         g_a_bn = torch.cat([g_a_bn, grad_out], dim=1)
-    g_a, d_g_in, d_b_in = _bn_backward(
+    g_a, d_g_in, d_b_in = bn_backward(
         g_a_bn, a, g_in, mean_in, inv_in, eps[0], train[0], groups[0], count
     )
-    d_w_in, grad_z = _conv1x1_backward(g_a, z, w_in, into=into)
+    d_w_in, grad_z = conv1x1_backward(g_a, z, w_in, into=into)
     return grad_z, [d_w_in, d_w_mid, d_w_out, d_g_in, d_b_in, d_g_mid, d_b_mid, d_g_out, d_b_out]
 
 
@@ -544,7 +315,7 @@ class _GunnLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, spec: _Spec, x: Tensor, *flat: Tensor) -> Tensor:
         o, k, dt = spec.width, len(spec.segments), spec.segments[0].dtype
-        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         buf = x.clone(memory_format=fmt)
         params: list[Tensor] = []
         saved: list[Tensor] = []
@@ -597,7 +368,7 @@ class _GunnLayerFunction(torch.autograd.Function):
 
         stats = by_unit(saved, per_unit, 0, 2, 1, 3)  # (mean, invstd)
         affine = by_unit(params, _PARAMS_PER_UNIT, 3, 5, 4, 6)  # (gamma, beta)
-        scale, shift = _bn_affine(stats[:, 0], stats[:, 1], affine[:, 0], affine[:, 1])
+        scale, shift = bn_affine(stats[:, 0], stats[:, 1], affine[:, 0], affine[:, 1])
         for i in reversed(range(k)):
             p = params[i * _PARAMS_PER_UNIT : (i + 1) * _PARAMS_PER_UNIT]
             seg = slice(i * o, (i + 1) * o)
