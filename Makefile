@@ -38,8 +38,10 @@ test-slow: $(STAMP) ## Run only the slow checks (CI runs them after `make test`)
 test-all: $(STAMP) ## Run every test, slow ones included
 	$(BIN)/pytest $(ARGS)
 
-lint: $(STAMP) ## Lint with ruff
+lint: $(STAMP) ## Lint: ruff, and the import layers of .importlinter (docs/ARCHITECTURE.md)
 	$(BIN)/ruff check src tests *.py
+	$(BIN)/ruff format --check src tests *.py
+	$(BIN)/lint-imports
 
 format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests *.py

@@ -11,13 +11,9 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-# Per-channel statistics on the 0-255 scale, as in the authors' datasets/cifar*-gen.lua.
-CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
-    "cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
-}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The normalisation lives with the models (their pretrained cfgs carry it): one definition.
+from gunn_exp.models.pretrained import CIFAR_STATS, IMAGENET_MEAN, IMAGENET_STD
+
 # The evaluation resize, as the authors' (fb.resnet.torch transforms.lua `Scale` defaults to it).
 IMAGENET_EVAL_INTERPOLATION = T.InterpolationMode.BICUBIC
 # AlexNet PCA lighting noise on ImageNet RGB (fb.resnet.torch).

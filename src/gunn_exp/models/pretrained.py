@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-# The data modules' normalisation (gunn_exp.data.transforms; a test keeps them equal), repeated
-# here so that building a model does not import the training stack.
-CIFAR_STATS = {  # 0-255 scale, as in the authors' code
+# The one definition of the datasets' normalisation: a model's pretrained cfg carries it, and
+# the data modules (gunn_exp.data.transforms) normalise with it.
+CIFAR_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # Per-channel, on the 0-255 scale, as in the authors' datasets/cifar*-gen.lua.
     "cifar10": ((125.3, 123.0, 113.9), (63.0, 62.1, 66.7)),
     "cifar100": ((129.3, 124.1, 112.4), (68.2, 65.4, 70.4)),
 }

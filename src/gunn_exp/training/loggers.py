@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -32,6 +33,17 @@ def wandb_group(cfg: DictConfig) -> str | None:
     """Resolver-free default for `logger.wandb.group`: explicit value, else the sweep's name."""
     explicit = OmegaConf.select(cfg, "logger.wandb.group")
     return explicit if explicit is not None else sweep_group()
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """The experiment loggers of the `logger` group; wandb's with its sweep group and the run's
+    wandb id (one wandb run per run directory, across resumes)."""
+    wandb = {"group": wandb_group(cfg), **wandb_resume_kwargs(cfg, run_dir)}
+    return [
+        instantiate(conf, **(wandb if name == "wandb" else {}))
+        for name, conf in (cfg.get("logger") or {}).items()
+        if conf and "_target_" in conf
+    ]
 
 
 def wandb_resume_kwargs(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from gunn_exp.training.launch import (
     log_rank_results,
     run_job_as_single_run,
 )
-from gunn_exp.training.loggers import log_run_setup, wandb_group, wandb_resume_kwargs
+from gunn_exp.training.loggers import build_loggers, log_run_setup, wandb_group
 from gunn_exp.training.resume import ResumedSchedule, check_resume, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -167,27 +167,17 @@ def build_trainer(
 ) -> tuple[pl.Trainer, list[Any]]:
     """The Trainer with the config's callbacks and loggers, plus what every run has: checkpoints
     that describe the run, written atomically and read safely."""
-    callbacks = [*instantiate_group(cfg.callbacks), DescribeCheckpoints(cfg, output_dir)]
+    callbacks = [
+        instantiate(conf) for conf in (cfg.callbacks or {}).values() if conf and "_target_" in conf
+    ]
+    callbacks.append(DescribeCheckpoints(cfg, output_dir))
     if resumed_schedule:
         callbacks.append(ResumedSchedule())
-    loggers = instantiate_group(
-        cfg.logger, group=wandb_group(cfg), **wandb_resume_kwargs(cfg, output_dir)
-    )
+    loggers = build_loggers(cfg, output_dir)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     return trainer, loggers
-
-
-def instantiate_group(configs: DictConfig | None, **wandb_kwargs: Any) -> list[Any]:
-    """Instantiate every entry of a `callbacks`/`logger` group (a dict of named configs)."""
-    if not configs:
-        return []
-    return [
-        instantiate(conf, **(wandb_kwargs if name == "wandb" else {}))
-        for name, conf in configs.items()
-        if conf and "_target_" in conf
-    ]
 
 
 def _metrics(trainer: pl.Trainer) -> dict[str, float]:
