@@ -19,15 +19,16 @@ class DigitsDataModule(ImageDataModule):
     with the training split's mean and std.
     """
 
+    name = "digits"
+
     def __init__(
         self,
         split_seed: int = 0,
         val_fraction: float = 0.15,
         test_fraction: float = 0.2,
-        name: str = "digits",
         **kwargs,
     ) -> None:
-        super().__init__(name=name, **kwargs)
+        super().__init__(**kwargs)
         if not (
             0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1
         ):

@@ -48,17 +48,18 @@ class ImageNetDataModule(ImageDataModule):
     stops the run naming it (`load_rgb`).
     """
 
+    name = "imagenet"
+
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 
     def __init__(
         self,
         data_dir: str = "data/imagenet",
         ten_crop: bool = False,
-        name: str = "imagenet",
         check_images: int | Literal["all"] = 200,
         **kwargs,
     ) -> None:
-        super().__init__(name=name, **kwargs)
+        super().__init__(**kwargs)
         if check_images != "all" and not (isinstance(check_images, int) and check_images >= 0):
             raise DataError(
                 f"data.check_images={check_images!r} is invalid: expected an integer >= 0 or all."

@@ -11,15 +11,16 @@ from gunn_exp.data.base import ImageDataModule
 class SyntheticDataModule(ImageDataModule):
     """FakeData splits of fixed, seeded content; nothing to learn, nothing to download."""
 
+    name = "synthetic"
+
     def __init__(
         self,
         train_size: int = 512,
         val_size: int = 128,
         test_size: int = 128,
-        name: str = "synthetic",
         **kwargs,
     ) -> None:
-        super().__init__(name=name, **kwargs)
+        super().__init__(**kwargs)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.mean, self.std = (0.5,) * self.in_chans, (0.5,) * self.in_chans
         self.transform = T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
