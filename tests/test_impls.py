@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gunn_exp.analysis.complexity import saved_activation_bytes
+from gunn_exp.analysis.activations import saved_activation_bytes
 from gunn_exp.models import IMPLEMENTATIONS, GunnLayer, create_model
 from gunn_exp.models.impls import KEEP
 from gunn_exp.models.layer import DEFAULT_IMPL
