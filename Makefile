@@ -55,7 +55,7 @@ benchmark: $(STAMP) ## Implementation benchmark: make benchmark ARGS="model=gunn
 # Not tied to .venv: on a GPU node the package is installed into the node's own environment
 # (README "On a GPU machine"); .venv's python is used where it exists (this machine, CI).
 gpu-check: ## GPU check, one report in benchmarks/gpu_<device>.md (~8 min on one GPU; ARGS=--quick)
-	$$(test -x $(BIN)/python && echo $(BIN)/python || echo $(PY)) -m gunn_exp.gpu_check $(ARGS)
+	$$(test -x $(BIN)/python && echo $(BIN)/python || echo $(PY)) -m gunn_exp.analysis.gpu_check $(ARGS)
 
 # One CPU thread unless set: the mini models gain little from more, and oversubscribing a busy
 # CPU makes them several times slower. GPU runs do not depend on it.

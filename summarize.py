@@ -1,7 +1,7 @@
 """Complexity report of a model: `python summarize.py model=gunn24 data=cifar100`.
 
 Options in conf/summarize.yaml (format=markdown, zoo=true, device=cuda, ...); the work is done by
-gunn_exp.analysis.complexity.
+gunn_exp.analysis.complexity (measuring) and gunn_exp.analysis.complexity_tables (printing).
 """
 
 import hydra
@@ -25,12 +25,8 @@ def summarize_model(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import instantiate
 
-    from gunn_exp.analysis.complexity import (
-        print_summary,
-        print_zoo,
-        summarize,
-        summarize_paper_models,
-    )
+    from gunn_exp.analysis.complexity import summarize, summarize_paper_models
+    from gunn_exp.analysis.complexity_tables import print_summary, print_zoo
 
     torch.manual_seed(cfg.seed)
     if cfg.zoo:

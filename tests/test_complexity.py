@@ -9,15 +9,9 @@ import torch
 from conftest import run_entry
 from torch import nn
 
-from gunn_exp.analysis.complexity import (
-    count_macs,
-    count_params,
-    markdown_summary,
-    peak_saved_bytes,
-    saved_activation_bytes,
-    stage_table,
-    summarize,
-)
+from gunn_exp.analysis.activations import peak_saved_bytes, saved_activation_bytes
+from gunn_exp.analysis.complexity import count_macs, count_params, stage_table, summarize
+from gunn_exp.analysis.complexity_tables import markdown_summary
 from gunn_exp.models import IMPLEMENTATIONS, create_model
 
 

@@ -1,4 +1,4 @@
-"""`python -m gunn_exp.gpu_check` without CUDA: the tiny CPU version of every part runs and
+"""`python -m gunn_exp.analysis.gpu_check` without CUDA: the tiny CPU version of every part runs and
 reports (the GPU numbers themselves need a GPU; see README "On a GPU machine")."""
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import pytest
 import torch
 from conftest import ROOT, RUN_ENV
 
-from gunn_exp import gpu_check
+from gunn_exp.analysis.gpu_check.end_to_end import write_fake_cifar10
+from gunn_exp.analysis.gpu_check.packing import fastest_mode
+from gunn_exp.analysis.gpu_check.plan import CPU_PLAN
+from gunn_exp.analysis.gpu_check.report import markdown
+from gunn_exp.analysis.gpu_check.run import main
 from gunn_exp.data.cifar import CIFARDataModule
 from gunn_exp.models import IMPLEMENTATIONS
 from gunn_exp.models.layer import DEFAULT_IMPL
@@ -26,7 +30,7 @@ CASES = ("float32 gradual", "float32 simultaneous", "bf16 autocast, channels_las
 @pytest.fixture(scope="module")
 def exactness(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("report")
-    report = gpu_check.main(["--parts", "exactness", "--out", str(out)])
+    report = main(["--parts", "exactness", "--out", str(out)])
     assert (out / "gpu_cpu.md").read_text().count("GPU numbers need a GPU") == 1
     assert json.loads((out / "gpu_cpu.json").read_text())["parts"].keys() == {"exactness"}
     return report["parts"]["exactness"]["result"]
@@ -68,7 +72,7 @@ def test_bf16_autocast_implementations_match_reference(exactness: dict, impl: st
 
 
 def test_fake_cifar10_is_read_by_the_data_module(tmp_path: Path) -> None:
-    gpu_check.write_fake_cifar10(tmp_path, n_train=10, n_test=4)
+    write_fake_cifar10(tmp_path, n_train=10, n_test=4)
     data = CIFARDataModule(
         "cifar10", data_dir=str(tmp_path), download=False, verify_checksums=False, batch_size=4
     )
@@ -87,7 +91,7 @@ def test_cpu_version_runs_every_part(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "gunn_exp.gpu_check",
+            "gunn_exp.analysis.gpu_check",
             "--out",
             str(tmp_path),
             "--budget-factor",
@@ -103,7 +107,7 @@ def test_cpu_version_runs_every_part(tmp_path: Path) -> None:
     parts = report["parts"]
     for name in ("throughput", "large", "end_to_end", "packing"):
         assert parts[name]["status"] == "ok", (name, parts[name], proc.stderr[-3000:])
-    plan = gpu_check.CPU_PLAN
+    plan = CPU_PLAN
     rows = parts["throughput"]["result"]["rows"]
     expected = {(f"{plan.model} {i}", m) for i in plan.impls for m in plan.modes}
     expected |= {(plan.yardstick, m) for m in plan.modes}
@@ -115,22 +119,29 @@ def test_cpu_version_runs_every_part(tmp_path: Path) -> None:
     packing = parts["packing"]["result"]
     assert [r["runs"] for r in packing["rows"]] == list(plan.pack_runs)
     assert all(r["img_per_s"] > 0 for r in packing["rows"])
-    assert packing["mode"] == gpu_check.fastest_mode(report, plan)
+    assert packing["mode"] == fastest_mode(report, plan)
     # The exit status reports the exactness part's verdict (a failed part exits 1).
     assert proc.returncode == (0 if parts["exactness"]["status"] == "ok" else 1)
     assert "GPU numbers need a GPU" in (tmp_path / "gpu_cpu.md").read_text()
 
 
 def test_packing_uses_the_fastest_mode_of_the_default_implementation() -> None:
-    plan = gpu_check.CPU_PLAN
+    plan = CPU_PLAN
     rows = [
         {"model": f"{plan.model} {DEFAULT_IMPL}", "mode": "eager", "img_per_s": 10.0},
         {"model": f"{plan.model} {DEFAULT_IMPL}", "mode": "compile", "img_per_s": 12.0},
         {"model": plan.yardstick, "mode": "eager", "img_per_s": 99.0},
     ]
     report = {"parts": {"throughput": {"result": {"rows": rows}}}}
-    assert gpu_check.fastest_mode(report, plan) == "compile"
+    assert fastest_mode(report, plan) == "compile"
     rows[0]["img_per_s"] = 13.0
-    assert gpu_check.fastest_mode(report, plan) == "eager"
+    assert fastest_mode(report, plan) == "eager"
     # Without part 2's rows: eager, which every implementation runs.
-    assert gpu_check.fastest_mode({"parts": {}}, plan) == "eager"
+    assert fastest_mode({"parts": {}}, plan) == "eager"
+
+
+@pytest.mark.parametrize("report", sorted((ROOT / "benchmarks").glob("gpu_*.json")), ids=str)
+def test_committed_reports_are_what_the_code_writes(report: Path) -> None:
+    """Each committed GPU report's Markdown is `markdown` of its JSON: the format is kept."""
+    expected = report.with_suffix(".md").read_text()
+    assert markdown(json.loads(report.read_text())) == expected

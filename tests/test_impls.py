@@ -1,4 +1,5 @@
-"""The fast GUNN layer implementations (models/impls.py) against the "reference" oracle."""
+"""The fast GUNN layer implementations (models/whole_layer.py, models/recat.py) against the
+"reference" oracle."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gunn_exp.analysis.complexity import saved_activation_bytes
+from gunn_exp.analysis.activations import saved_activation_bytes
 from gunn_exp.models import IMPLEMENTATIONS, GunnLayer, create_model
 from gunn_exp.models.layer import DEFAULT_IMPL
 from gunn_exp.models.whole_layer import KEEP

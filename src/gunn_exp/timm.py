@@ -71,7 +71,7 @@ def _entrypoint(name: str) -> Any:
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f"gunn-exp's {name} (see gunn_exp.models.registry.{name})."
+    entrypoint.__doc__ = f"gunn-exp's {name} (docs/MODELS.md; gunn_exp.models.create_model)."
     entrypoint.gunn_exp = True  # type: ignore[attr-defined]
     return entrypoint
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gunn_exp import rundir
+from gunn_exp.analysis.tables import markdown_table
 
 Run = dict[str, Any]
 GroupKey = tuple[str, str, int]
@@ -111,12 +112,6 @@ def fmt_stat(values: Iterable[float | None], digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def results_table(runs: Sequence[Run]) -> str:
     """One row per group: our final- and best-epoch errors (mean ± std, n) beside the paper's."""
     header = (
@@ -141,7 +136,7 @@ def results_table(runs: Sequence[Run]) -> str:
                 _paper(paper, "err5"),
             )
         )
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def _paper(paper: Mapping[str, float], key: str) -> str:
@@ -170,7 +165,7 @@ def convergence_table(
                 digits = 3 if key.endswith("loss") else 2
                 cells.append(f"{fmt_stat(values, digits)} (ep {epoch})")
             rows.append((model, data, name, *cells))
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def _at_epoch(curve: Sequence[Mapping[str, float]], epoch: int, key: str) -> float | None:
@@ -201,7 +196,7 @@ def runs_table(runs: Sequence[Run]) -> str:
         )
         for r in runs
     )
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def markdown_report(runs: Sequence[Run], title: str = "Results", notes: Sequence[str] = ()) -> str:

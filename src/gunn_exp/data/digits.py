@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -23,10 +25,10 @@ class DigitsDataModule(ImageDataModule):
 
     def __init__(
         self,
-        split_seed: int = 0,
-        val_fraction: float = 0.15,
+        split_seed: int = 0,  # fixes the split, whatever the run's seed
+        val_fraction: float = 0.15,  # of all 1,797 images, stratified by class
         test_fraction: float = 0.2,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if not (

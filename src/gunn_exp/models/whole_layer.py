@@ -24,7 +24,7 @@ run eagerly (`EAGER_OPS`) or under `torch.compile` (`compiled_ops`, what
 `gunn_exp.models.compile.compile_regions` selects). Per-layer work is done once for all K units
 where it can be (one foreach update of the batch counters, one foreach cast of the conv weights
 under autocast, the BatchNorm recompute affines of all units in a few operators), since on a GPU
-every launched operator costs microseconds; `gunn_exp.models.opcount` counts them.
+every launched operator costs microseconds; `gunn_exp.analysis.opcount` counts them.
 """
 
 from __future__ import annotations

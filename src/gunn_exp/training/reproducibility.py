@@ -136,15 +136,9 @@ class EpochSeeding(pl.Callback):
             self._seeded_epoch = epoch
         self._epoch, self._batches = epoch, 0
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self._batches = batch_idx + 1
+    def on_train_batch_end(self, *args: Any) -> None:
+        # Lightning passes (trainer, pl_module, outputs, batch, batch_idx); only the index counts.
+        self._batches = args[-1] + 1
 
     def _prepare_loader(self, trainer: pl.Trainer, epoch: int, skip_batches: int) -> None:
         """Seed the train loader's generators for `epoch` and skip batches a resumed epoch did."""

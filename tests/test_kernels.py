@@ -1,12 +1,13 @@
-"""count_launching_ops: kernel-launching ATen operators of one eager training step."""
+"""The kernel counters of gunn_exp.analysis.kernels: dispatch mode (`LaunchCounter`,
+`count_launching_ops`) and profiler (`count_launches`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from gunn_exp.analysis.kernels import LaunchCounter, count_launches, count_launching_ops
 from gunn_exp.models import create_model
-from gunn_exp.models.opcount import LaunchCounter, count_launching_ops
 
 
 class ViewsThenOneKernel(nn.Module):
@@ -54,9 +55,7 @@ def test_whole_layer_default_launches_fewer_ops_than_reference() -> None:
 
 
 def test_profiler_count_is_one_per_operator_that_does_work() -> None:
-    """benchmark.count_launches: the innermost working operator once, whatever wraps it."""
-    from gunn_exp.analysis.benchmark import count_launches
-
+    """count_launches: the innermost working operator once, whatever wraps it."""
     a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
     bn = nn.BatchNorm2d(3)
     counters = [torch.zeros(()) for _ in range(4)]
