@@ -28,7 +28,11 @@ from conftest import (
     train_here,
     write_cifar,
 )
+from PIL import Image
+from torch.utils.data import Dataset
 
+from gunn_exp.data.seeding import SeededSamples
+from gunn_exp.data.transforms import cifar_train_transform
 from gunn_exp.errors import CheckpointError
 from gunn_exp.rundir import WANDB_ID as WANDB_ID_FILE
 from gunn_exp.training.loggers import wandb_resume_kwargs
@@ -160,6 +164,34 @@ def test_on_device_loader_resumes_mid_epoch_exactly(tmp_path: Path) -> None:
     train(run_dir, "trainer.max_epochs=4", "ckpt_path=last", *data)
     assert results(run_dir) == results(reference)
     assert metrics(run_dir) == metrics(reference)
+
+
+class OneImage(Dataset):
+    """`n` samples of one random 32x32 image through CIFAR's training augmentation: what tells
+    the samples apart is only their random draws."""
+
+    def __init__(self, n: int) -> None:
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0))
+        self.image, self.n = Image.fromarray(pixels.to(torch.uint8).numpy()), n
+        self.transform = cifar_train_transform("cifar10")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.image)
+
+
+def test_a_samples_augmentation_depends_only_on_its_key_and_index() -> None:
+    """What makes augmentation in DataLoader workers exact across a resume (data/seeding.py)."""
+    samples = SeededSamples(OneImage(16))
+    state = torch.get_rng_state()
+    first = [samples[(i, 1)] for i in range(16)]
+    assert torch.equal(torch.get_rng_state(), state)  # the training's own stream is untouched
+    assert len({t.numpy().tobytes() for t in first}) > 12  # each sample its own flip, crop, shift
+    torch.rand(3)  # whatever was drawn before, in whatever order
+    assert all(torch.equal(samples[(i, 1)], first[i]) for i in reversed(range(16)))
+    assert not all(torch.equal(samples[(i, 2)], first[i]) for i in range(16))  # another epoch
 
 
 def test_ckpt_path_last_without_a_checkpoint_names_the_fix(tmp_path: Path) -> None:
