@@ -191,7 +191,10 @@ class EpochSeeding(pl.Callback):
             seeded = isinstance(loader.dataset, SeededSamples)  # it reads (index, key) items
             batch_sampler.sampler = SeededSampler(
                 sampler,
-                key=derive_seed(self.seed, epoch, 3) if seeded else None,
+                # Not (seed, epoch, 3): SeedSequence pads with zeros, so that would be rank 3's
+                # global seed (seed, epoch, 3, 0). The rank does not enter: sample i of an epoch
+                # draws the same on any number of processes.
+                key=derive_seed(self.seed, epoch, 0, 3) if seeded else None,
                 skip=skip_batches * batch_sampler.batch_size,
             )
         # Lightning creates a fit's first iterator before any callback hook, and worker
