@@ -11,10 +11,11 @@ import pytorch_lightning as pl
 
 
 class SignalAt(pl.Callback):
-    """Sends `signum` to this process at the end of training batch `batch` of epoch `epoch`."""
+    """Sends `signum` to this process `times` times in a row (a second Ctrl-C while the first
+    is being handled) at the end of training batch `batch` of epoch `epoch`."""
 
-    def __init__(self, signum: int, batch: int, epoch: int = 0) -> None:
-        self.signum, self.batch, self.epoch = signum, batch, epoch
+    def __init__(self, signum: int, batch: int, epoch: int = 0, times: int = 1) -> None:
+        self.signum, self.batch, self.epoch, self.times = signum, batch, epoch, times
 
     def on_train_batch_end(
         self,
@@ -25,4 +26,5 @@ class SignalAt(pl.Callback):
         batch_idx: int,
     ) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)  # Python runs the handler before returning

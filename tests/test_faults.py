@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gunn_exp.errors import CheckpointError, Interrupted, NonFiniteLoss
 from gunn_exp.models import create_model
+from gunn_exp.rundir import read_metrics
 from gunn_exp.rundir.checkpoint import load_checkpoint
 from gunn_exp.training.checkpoints import AtomicCheckpointIO
 from gunn_exp.training.faults import FiniteLossGuard, GracefulStop
-from gunn_exp.training.resume import check_resumable
+from gunn_exp.training.resume import check_resumable, resolve_ckpt_path
 
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
 
@@ -43,32 +43,63 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
-SAVE_FOREVER = """
-import sys, torch
+# Saves version 1 of a checkpoint, then version 2 through a file that takes its first TORN_AT
+# bytes, puts them on disk and SIGKILLs the process: every run of the test is killed inside the
+# write, after part of the bytes are on disk.
+TORN_AT = 1_000_000
+KILLED_INSIDE_A_SAVE = f"""
+import os, signal, sys, torch
 from gunn_exp.training.checkpoints import AtomicCheckpointIO
-for i in range(10**6):
-    state = {"w": torch.full((4_000_000,), float(i))}
-    AtomicCheckpointIO().save_checkpoint({"state_dict": state, "i": i}, sys.argv[1])
-    print(i, flush=True)
+
+class KillAfter:
+    def __init__(self, f, limit):
+        self.f, self.left = f, limit
+
+    def write(self, data):
+        data = bytes(data)
+        if len(data) < self.left:
+            self.left -= len(data)
+            return self.f.write(data)
+        self.f.write(data[: self.left])
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def flush(self):
+        self.f.flush()
+
+def checkpoint(version):
+    return {{"state_dict": {{"w": torch.full((1_000_000,), float(version))}}, "version": version}}
+
+AtomicCheckpointIO().save_checkpoint(checkpoint(1), sys.argv[1])
+save = torch.save
+torch.save = lambda obj, f, *args, **kwargs: save(obj, KillAfter(f, {TORN_AT}), *args, **kwargs)
+AtomicCheckpointIO().save_checkpoint(checkpoint(2), sys.argv[1])
 """
 
 
-def test_sigkill_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path) -> None:
-    path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SAVE_FOREVER, str(path)],
+def test_sigkill_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_INSIDE_A_SAVE, str(last)],
         env=RUN_ENV,
-        stdout=subprocess.PIPE,
+        capture_output=True,
         text=True,
+        timeout=120,
     )
-    assert proc.stdout is not None
-    saved = [int(proc.stdout.readline()) for _ in range(3)]
-    time.sleep(0.01)  # 16 MB per save: the kill lands in the middle of one
-    proc.kill()
-    proc.wait()
-    ckpt = load_checkpoint(path)
-    assert ckpt["i"] >= saved[-1]
-    assert torch.all(ckpt["state_dict"]["w"] == ckpt["i"])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]  # killed, not finished
+    (torn,) = [p for p in last.parent.iterdir() if p != last]
+    assert torn.stat().st_size == TORN_AT  # the write was under way: a torn file on disk
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(torn)
+    ckpt = load_checkpoint(last)  # the previous checkpoint, whole
+    assert ckpt["version"] == 1 and torch.all(ckpt["state_dict"]["w"] == 1)
+    # The torn file is never taken for a checkpoint: not by a resume, not by a *.ckpt listing.
+    assert resolve_ckpt_path("auto", tmp_path) == last
+    assert list(last.parent.glob("*.ckpt")) == [last]
+    # The next save replaces it.
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "version": 3}, last)
+    assert load_checkpoint(last)["version"] == 3 and list(last.parent.iterdir()) == [last]
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -226,3 +257,41 @@ def test_nan_loss_stops_before_the_step_updates_the_weights(tmp_path: Path) -> N
     with pytest.raises(NonFiniteLoss, match="nan.*step 5"):
         fit(module, tmp_path, [Snapshot(), FiniteLossGuard(str(tmp_path))])
     assert len(weights) == 5 and torch.equal(module.layer.weight, weights[-1])
+
+
+def ctrl_c(run_train, times: int) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`train.py` (3 epochs of 3 batches) that gets SIGINT `times` times in a row at the end of
+    the first batch of epoch 2 (after graceful_stop's check of that batch), as from a terminal's
+    Ctrl-C: a real signal to a real train.py process."""
+    return run_train(
+        *TINY,
+        "trainer.max_epochs=3",
+        "+callbacks.signal_at._target_=signal_at.SignalAt",
+        f"+callbacks.signal_at.signum={int(signal.SIGINT)}",
+        "+callbacks.signal_at.epoch=1",
+        "+callbacks.signal_at.batch=0",
+        f"+callbacks.signal_at.times={times}",
+        check=False,
+    )
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_batch_and_exits_130(run_train) -> None:
+    proc, run_dir = ctrl_c(run_train, times=1)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("stopped:")]
+    assert line.startswith("stopped: SIGINT in epoch 2 after batch 2/3: checkpoint saved to")
+    assert f"ckpt_path=last hydra.run.dir={run_dir}" in line and "Traceback" not in proc.stderr
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 5)  # epoch 2, after the next batch
+    assert not (run_dir / "results.json").exists()
+
+
+def test_second_ctrl_c_quits_at_once_without_a_checkpoint(run_train) -> None:
+    proc, run_dir = ctrl_c(run_train, times=2)
+    # Lightning ends a run on KeyboardInterrupt with its own message and sys.exit(1).
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "checkpoint saved" not in proc.stderr and "stopped:" not in proc.stderr
+    # last.ckpt is still the end of epoch 1: no checkpoint after the batch, nothing trained on.
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert (ckpt["epoch"], ckpt["global_step"]) == (0, 3)
+    assert [row["epoch"] for row in read_metrics(run_dir / "metrics.csv")] == [1]

@@ -30,7 +30,7 @@ from sklearn.datasets import load_digits
 from gunn_exp.errors import CheckpointError, ConfigError, RunError
 from gunn_exp.inference.evaluate import evaluate
 from gunn_exp.inference.predict import classify_images
-from gunn_exp.inference.run import find_checkpoint, list_images, load_run, pooled_features
+from gunn_exp.inference.run import find_checkpoint, list_images, load_run
 from gunn_exp.models import create_model
 from gunn_exp.rundir.preprocessing import Preprocessing
 from gunn_exp.rundir.weights import init_from_checkpoint
@@ -169,12 +169,14 @@ def test_features_to_npy_with_names(run_dir: Path, image_dir: Path, tmp_path: Pa
     features = np.load(out)
     names = (tmp_path / "feats.names.txt").read_text().splitlines()
     assert names == sorted(p.name for p in image_dir.glob("digit*.png"))
-    run = load_run(run_dir)
+    run = load_run(run_dir)  # in eval mode
     assert features.shape == (DIGITS, run.model.num_features)
-    expected = pooled_features(
-        run.model, torch.stack([run.preprocessing.load(image_dir / n) for n in names])
-    )
-    np.testing.assert_allclose(features, expected.numpy(), atol=1e-5)
+    # The classifier's input: the model's classifier turns the written rows into its logits.
+    x = torch.stack([run.preprocessing.load(image_dir / n) for n in names])
+    with torch.no_grad():
+        logits = run.model(x)
+        from_features = run.model.get_classifier()(torch.from_numpy(features))
+    torch.testing.assert_close(from_features, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_finetune_digits_to_cifar10(

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -315,6 +316,70 @@ def test_full_disk_stops_the_run_in_one_line_naming_the_intact_checkpoint(
     assert "Traceback" not in stderr
     assert load_checkpoint(last)["epoch"] == 0
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 32 MiB tmpfs of its own, to fill up for real; skipped where this process cannot mount
+    one (mounting needs root, or CAP_SYS_ADMIN)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+        why = proc.stderr.strip() if proc.returncode else ""
+    except OSError as err:  # no mount command
+        why = str(err)
+    if why:
+        pytest.skip(f"a real full disk needs a small filesystem: `mount -t tmpfs` failed ({why})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "--lazy", str(mnt)], check=False)
+
+
+# Where a filled disk stops a run (FillDisk's hook, the bytes it leaves free). At each epoch's end
+# the run writes metrics.csv, then curves.png (EpochSummary), then the checkpoints (Lightning
+# runs checkpoint callbacks after the others); validation comes before all three.
+FULL_DURING = {
+    "checkpoints": ("on_train_epoch_end", 0),
+    "metrics.csv": ("on_validation_end", 0),
+    "curves.png": ("on_validation_end", 8192),  # room for the CSV (one page), not for the plot
+}
+
+
+@pytest.mark.parametrize("victim", list(FULL_DURING))
+def test_really_full_disk_stops_in_one_line_and_keeps_last_ckpt(
+    small_filesystem: Path, victim: str
+) -> None:
+    """The disk fills up in epoch 2, before the write of `victim`: the kernel's ENOSPC, through
+    torch.save, matplotlib or the CSV writer, becomes the one-line stop; free space, resume."""
+    hook, leave = FULL_DURING[victim]
+    run_dir = small_filesystem / "run"
+    fill_disk = (
+        "+callbacks.fill_disk._target_=fill_disk.FillDisk",
+        f"+callbacks.fill_disk.folder={small_filesystem}",
+        "+callbacks.fill_disk.epoch=1",
+        f"+callbacks.fill_disk.hook={hook}",
+        f"+callbacks.fill_disk.leave={leave}",
+    )
+    run = (*TINY, "trainer.max_epochs=3")
+    code, stderr = exit_status(lambda: train_here(run_dir, *run, *fill_disk))
+    assert code == 1, stderr[-3000:]
+    (line,) = error_lines(stderr, "stopped:")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert line.startswith(f"stopped: disk full while writing {run_dir / victim}"), line
+    assert f"{last} is intact (saved in epoch 1, step 3)" in line and "ckpt_path=last" in line
+    assert "Traceback" not in stderr
+    assert load_checkpoint(last)["epoch"] == 0
+    assert not list(run_dir.rglob(".*.tmp"))  # the torn temporary file is gone
+
+    (small_filesystem / "filler").unlink()  # free space, then resume as the line says
+    train_here(run_dir, *run, "ckpt_path=last")
+    assert [row["epoch"] for row in rundir.read_metrics(run_dir / rundir.METRICS)] == [1, 2, 3]
 
 
 # --- a diverging loss ---------------------------------------------------------------------------

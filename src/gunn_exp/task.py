@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MinMetric
+from torchmetrics import MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from gunn_exp.data.crops import CROP_REDUCTIONS, reduce_crops
@@ -73,7 +73,15 @@ class ClassificationModule(pl.LightningModule):
         if compile:
             # Regional, in place: G_i compiled once per stage shape, state_dict keys kept.
             compile_regions(self.model, mode=compile_mode)
-        # One metric object per stage and k: Lightning resets and syncs them at epoch end.
+        # One metric object per stage (and k): Lightning resets and syncs them at epoch end, and
+        # a mid-epoch checkpoint keeps their sums (training.reproducibility.EpochSeeding).
+        # nan_strategy="disable": a nan loss shows as nan, as Lightning's own mean would.
+        self.losses = nn.ModuleDict(
+            {
+                f"{stage}_loss": MeanMetric(nan_strategy="disable")
+                for stage in ("train", "val", "test")
+            }
+        )
         self.errors = nn.ModuleDict(
             {
                 f"{stage}_err{k}": TopKError(model.num_classes, k)
@@ -100,7 +108,9 @@ class ClassificationModule(pl.LightningModule):
             logits = self(x)
         loss = F.cross_entropy(logits, y)
         show = stage != "test"
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=show, sync_dist=True)
+        mean_loss = self.losses[f"{stage}_loss"]
+        mean_loss.update(loss.detach(), weight=y.numel())  # the epoch's mean over images
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=show)
         for k in (1, 5):
             metric = self.errors[f"{stage}_err{k}"]
             metric.update(logits.detach(), y)

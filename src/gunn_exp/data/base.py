@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gunn_exp.data.seeding import SeededSamples
 from gunn_exp.errors import DataError
 
 
@@ -90,7 +91,8 @@ class ImageDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called.")
         return DataLoader(
-            dataset,
+            # Training samples can be seeded one by one (data/seeding.py), for exact resumes.
+            SeededSamples(dataset) if train else dataset,
             batch_size=self.per_device_batch_size,
             shuffle=train,
             drop_last=train and len(dataset) >= self.per_device_batch_size,  # type: ignore[arg-type]

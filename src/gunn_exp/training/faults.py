@@ -26,11 +26,12 @@ class GracefulStop(pl.Callback):
     """On SIGTERM/SIGINT/...: finish the current batch, save `<dirpath>/last.ckpt`, stop.
 
     The signal handler only takes note; the checkpoint is written at the end of a training
-    batch, where the state is consistent (together with EpochSeeding's RNG snapshot the resumed
-    run continues exactly). The last batch of an epoch is not a stop point: the epoch's
-    validation, checkpoint and metrics row come first, so every completed epoch is kept. Under
-    DDP the ranks agree at every batch end (one all-reduce of a flag), so one signalled rank
-    stops them all at the same batch. A second SIGINT quits at once (KeyboardInterrupt).
+    batch, where the state is consistent (with EpochSeeding's snapshot of the RNGs and the
+    epoch's metric sums the resumed run continues exactly). The last batch of an epoch is not a
+    stop point: the epoch's validation, checkpoint and metrics row come first, so every
+    completed epoch is kept. Under DDP the ranks agree at every batch end (one all-reduce of a
+    flag), so one signalled rank stops them all at the same batch. A second SIGINT quits at once
+    (KeyboardInterrupt).
 
     Handlers that were installed before training (e.g. submitit's requeue handler on SIGUSR2)
     are called after the checkpoint is written, so a cluster launcher still requeues the job.

@@ -1,4 +1,4 @@
-"""Every seed of a run, and the random state a resumed run needs to continue exactly.
+"""Every seed of a run, and the state a resumed run needs to continue exactly.
 
 Lightning checkpoints restore weights, optimizer, scheduler and loop counters, but not the global
 RNGs, and the default shuffling draws its order from the global torch RNG whenever an iterator
@@ -7,29 +7,32 @@ uninterrupted one. Kept beside Lightning's `seed_everything` (which seeds once p
 per-epoch seeds are what make an epoch independent of how often the run was stopped:
 
 - `derive_seed` (data/seeding.py): the one function every seed comes from (global per epoch and
-  rank, shuffling, DataLoader worker seeds, the on-device loader's order and augmentation);
-- `EpochSeeding`: seeds every epoch from (run seed, epoch, rank); a checkpoint written mid-epoch
-  (on a signal, see faults.py) also carries the RNG states of that moment and how many batches
-  of the epoch were done, and the resumed run continues from exactly there: a DataLoader skips
-  those batches (`SkipFirst`), the on-device loader is positioned by its own
-  `state_dict`/`load_state_dict`, which Lightning saves and restores (data/device_loader.py).
+  rank, shuffling, DataLoader worker seeds, each training sample's augmentation, the on-device
+  loader's order and augmentation);
+- `EpochSeeding`: seeds every epoch from (run seed, epoch, rank) and every training sample from
+  (run seed, epoch, sample index), in whichever process loads it (data/seeding.py); a checkpoint
+  written mid-epoch (on a signal, see faults.py) also carries the RNG states of that moment, the
+  running sums of the module's metrics and how many batches of the epoch were done, and the
+  resumed run continues from exactly there: a DataLoader skips those batches (`SeededSampler`),
+  the on-device loader is positioned by its own `state_dict`/`load_state_dict`, which Lightning
+  saves and restores (data/device_loader.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 import warnings
-from collections.abc import Iterator, Sized
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torchmetrics import Metric
 
 from gunn_exp.data.device_loader import DeviceLoader
-from gunn_exp.data.seeding import derive_seed
+from gunn_exp.data.seeding import SeededSampler, SeededSamples, derive_seed
 
 
 def rng_states() -> dict[str, Any]:
@@ -58,39 +61,46 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class SkipFirst(Sampler[int]):
-    """Yields `sampler`'s indices without the first `count` (the batches a resumed epoch had done).
+def metric_states(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """The running state of every torchmetrics metric in `module` (an epoch's sums so far)."""
+    return {
+        name: dict(metric.metric_state)
+        for name, metric in module.named_modules()
+        if isinstance(metric, Metric)
+    }
 
-    Its length stays the full epoch's so Lightning's batch counting is unchanged.
-    """
 
-    def __init__(self, sampler: Sampler[int], count: int) -> None:
-        self.sampler = sampler
-        self.count = count
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.sampler), self.count, None)
-
-    def __len__(self) -> int:
-        assert isinstance(self.sampler, Sized)
-        return len(self.sampler)
+def set_metric_states(module: nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    """Put a `metric_states()` snapshot back, onto the metrics' devices."""
+    metrics = dict(module.named_modules())
+    for name, state in states.items():
+        metric = metrics[name]
+        assert isinstance(metric, Metric)
+        for attr, value in state.items():  # a tensor, or a list of them (cat-reduced states)
+            to = metric.device
+            setattr(
+                metric, attr, [v.to(to) for v in value] if isinstance(value, list) else value.to(to)
+            )
 
 
 class EpochSeeding(pl.Callback):
     """Seeds every epoch from (seed, epoch, rank) and resumes mid-epoch checkpoints exactly.
 
-    At each epoch start: the global RNGs (dropout, augmentation in the main process), the train
-    loader's shuffling generator (a single-process RandomSampler; Lightning's DistributedSampler
-    is already seeded by epoch) and its worker-seed generator are all reseeded. The run's result
-    thus depends only on the seed, never on how many times it was stopped and resumed.
+    At each epoch start: the global RNGs (dropout), the train loader's shuffling generator (a
+    single-process RandomSampler; Lightning's DistributedSampler is already seeded by epoch), its
+    worker-seed generator and the epoch's key for the per-sample augmentation seeds
+    (data/seeding.py: the same draws in the main process or any worker) are all reseeded. The
+    run's result thus depends only on the seed, never on how many times it was stopped and
+    resumed.
 
-    The callback's checkpoint state records the epoch, the batches done in it and the RNG
-    states; resuming from a checkpoint written between two batches (Lightning then skips
-    `on_train_epoch_start`) restores those states and skips the batches already trained on.
+    The callback's checkpoint state records the epoch, the batches done in it, the RNG states
+    and the module's metric states (the epoch's training sums so far); resuming from a
+    checkpoint written between two batches (Lightning then skips `on_train_epoch_start`)
+    restores them and skips the batches already trained on, so even the interrupted epoch's
+    training averages are the uninterrupted run's.
 
-    Limits: with data-loader worker processes (num_workers > 0) the order is exact but random
-    augmentations in the workers are not (persistent workers keep their RNG across epochs);
-    under DDP a mid-epoch checkpoint holds rank 0's RNG states only.
+    Limits: under DDP a mid-epoch checkpoint holds rank 0's global RNG states only (dropout on
+    the other ranks differs after such a resume; their augmentation does not).
     """
 
     def __init__(self, seed: int | None) -> None:
@@ -102,9 +112,18 @@ class EpochSeeding(pl.Callback):
         self._seeded_epoch = -1
         self._resume: dict[str, Any] | None = None
         self._loader_started = False  # the first epoch's iterator predates every epoch hook
+        self._module: nn.Module | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._module = pl_module  # whose metric sums state_dict() saves
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "batches": self._batches, "rng": rng_states()}
+        return {
+            "epoch": self._epoch,
+            "batches": self._batches,
+            "rng": rng_states(),
+            "metrics": metric_states(self._module) if self._module is not None else {},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = state_dict
@@ -120,6 +139,7 @@ class EpochSeeding(pl.Callback):
             return  # an epoch boundary: on_train_epoch_start seeds the epoch
         self._prepare_loader(trainer, epoch, skip_batches=done)
         set_rng_states(state["rng"])
+        set_metric_states(pl_module, state.get("metrics", {}))
         self._epoch, self._batches, self._seeded_epoch = epoch, done, epoch
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -159,12 +179,18 @@ class EpochSeeding(pl.Callback):
             )
         batch_sampler = loader.batch_sampler
         if isinstance(batch_sampler, BatchSampler):
-            if isinstance(batch_sampler.sampler, SkipFirst):
-                batch_sampler.sampler = batch_sampler.sampler.sampler
-            if skip_batches:
-                batch_sampler.sampler = SkipFirst(
-                    batch_sampler.sampler, skip_batches * batch_sampler.batch_size
-                )
+            sampler = batch_sampler.sampler
+            if isinstance(sampler, SeededSampler):
+                sampler = sampler.sampler
+            seeded = isinstance(loader.dataset, SeededSamples)  # it reads (index, key) items
+            batch_sampler.sampler = SeededSampler(
+                sampler,
+                # Not (seed, epoch, 3): SeedSequence pads with zeros, so that would be rank 3's
+                # global seed (seed, epoch, 3, 0). The rank does not enter: sample i of an epoch
+                # draws the same on any number of processes.
+                key=derive_seed(self.seed, epoch, 0, 3) if seeded else None,
+                skip=skip_batches * batch_sampler.batch_size,
+            )
         # Lightning creates a fit's first iterator before any callback hook, and worker
         # processes have already drawn indices from it: restart it with the order set above
         # (iter() on a persistent-workers loader resets, in place, the iterator Lightning holds).
