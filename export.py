@@ -26,8 +26,10 @@ def main() -> int:
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
     cli.prepare(__file__, log_info=True)
+    if args.out:  # before the model is loaded: a folder that cannot be written stops here
+        rundir.writable_folder(args.out, "--out")
     run = load_run(args.run, args.ckpt, "cpu")
-    out_dir = args.out or run.run_dir / rundir.EXPORT
+    out_dir = rundir.writable_folder(args.out or run.output_dir / rundir.EXPORT, "--out")
     for path in export_run(run, out_dir, tuple(args.format)):
         print(f"wrote {path}")
     # A different batch size from the tracing example also checks that the batch is dynamic.
