@@ -26,9 +26,8 @@ def main() -> int:
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
     cli.prepare(__file__, log_info=True)
-    if args.out:  # before the model is loaded: a folder that cannot be written stops here
-        rundir.writable_folder(args.out, "--out")
     run = load_run(args.run, args.ckpt, "cpu")
+    # Before any export work: a folder that cannot be written stops here, in one line.
     out_dir = rundir.writable_folder(args.out or run.output_dir / rundir.EXPORT, "--out")
     for path in export_run(run, out_dir, tuple(args.format)):
         print(f"wrote {path}")
