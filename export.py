@@ -27,7 +27,8 @@ def main() -> int:
     args = parser.parse_args()
     cli.prepare(__file__, log_info=True)
     run = load_run(args.run, args.ckpt, "cpu")
-    out_dir = args.out or run.run_dir / rundir.EXPORT
+    # Before any export work: a folder that cannot be written stops here, in one line.
+    out_dir = rundir.writable_folder(args.out or run.output_dir / rundir.EXPORT, "--out")
     for path in export_run(run, out_dir, tuple(args.format)):
         print(f"wrote {path}")
     # A different batch size from the tracing example also checks that the batch is dynamic.

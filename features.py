@@ -9,8 +9,10 @@ argparse, not Hydra: this is a tool over a list of files, not an experiment.
 
 import argparse
 import sys
+from pathlib import Path
 
-from gunn_exp import cli
+from gunn_exp import cli, rundir
+from gunn_exp.errors import ConfigError
 from gunn_exp.inference.predict import extract_features, save_features
 from gunn_exp.inference.run import list_images, load_run
 
@@ -26,7 +28,11 @@ def main() -> int:
     if not args.output.endswith((".npy", ".pt")):
         parser.error(f"--output {args.output}: must end in .npy or .pt")
     cli.prepare(__file__, log_info=True)
-    images = list_images(args.images)  # bad paths stop before the model is loaded
+    # Bad paths, in and out, stop before the model is loaded.
+    if Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; give a file ending in .npy or .pt.")
+    rundir.writable_folder(Path(args.output).parent, "--output")
+    images = list_images(args.images)
     run = load_run(args.run, args.ckpt, args.device)
     names, features, skipped = extract_features(run, images)
     if not names:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gunn_exp import cli
+from gunn_exp import cli, rundir
 from gunn_exp.analysis.report import load_runs, markdown_report, write_report
 
 
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--title", default="Results", help="heading of the report and figure")
     parser.add_argument("--no-plot", action="store_true", help="skip the figure")
     args = parser.parse_args(argv)
+    if args.out:  # before the runs are read: a folder that cannot be written stops here
+        rundir.writable_folder(args.out.parent, "--out")
     runs = load_runs(args.paths)
     if not runs:
         print(f"report: no results.json under {' '.join(args.paths)}.", file=sys.stderr)

@@ -18,8 +18,8 @@ import runpy
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,3 +277,46 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_cifar(root, "cifar10")
     write_cifar(root, "cifar100")
     return root
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str = "4m", read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs mounted at `folder`: a real filesystem that fills up (or refuses writes),
+    for what users meet on a full scratch disk or a read-only share. Needs root (mount); the
+    test is skipped where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Fill the filesystem of `folder` to the last byte."""
+    with (folder / "filler").open("wb", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:  # ENOSPC: the disk is full
+            pass
+    assert shutil.disk_usage(folder).free == 0
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can write into: mode 555, or for root (who ignores modes) a read-only
+    tmpfs."""
+    folder = tmp_path / "read_only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    with tmpfs(folder, read_only=True):
+        yield folder

@@ -8,6 +8,7 @@ exit 2, tested once per route in ENTRY_CASES, which start the real scripts).
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_train, run_entry, write_cifar
+from conftest import ROOT, compose_train, run_entry, run_tool, write_cifar
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -197,9 +198,15 @@ def empty_image_folder(tmp: Path) -> None:
     list_images([tmp / "photos"])
 
 
-def case(name: str, make: Make, pattern: str, no_gpu: bool = False) -> object:
-    """One row: `make` must raise an exit-2 error whose one-line message matches `pattern`."""
+def case(
+    name: str, make: Make, pattern: str, no_gpu: bool = False, needs_missing: str = ""
+) -> object:
+    """One row: `make` must raise an exit-2 error whose one-line message matches `pattern`
+    (`no_gpu`: on a machine without CUDA; `needs_missing`: where that package is not installed)."""
     marks = [pytest.mark.skipif(torch.cuda.is_available(), reason="needs no GPU")] if no_gpu else []
+    if needs_missing:
+        installed = importlib.util.find_spec(needs_missing) is not None
+        marks.append(pytest.mark.skipif(installed, reason=f"{needs_missing} is installed"))
     return pytest.param(make, pattern, id=name, marks=marks)
 
 
@@ -232,7 +239,11 @@ CASES = [
     case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
     case("limit_train_batches_0.0", config("experiment=digits", "+trainer.limit_train_batches=0.0"), r"limit_train_batches=0\.0"),
     case("trainer_gpu", config("experiment=digits", "trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),
-    case("eval_device_cuda", eval_config("device=cuda"), r"device=cuda: .*no CUDA.*device=cpu", no_gpu=True),
+    case("eval_trainer_gpu", eval_config("trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),
+    case("trainer_mps", config("experiment=digits", "trainer=mps"), r"accelerator=mps: .*no Apple GPU.*trainer=cpu"),
+    case("logger_comet_missing", config("experiment=digits", "logger=comet"), r"logger=comet needs the comet_ml package, .*pip install -e '\.\[comet\]'", needs_missing="comet_ml"),
+    case("logger_aim_missing", config("experiment=digits", "logger=aim"), r"logger=aim needs the aim package, .*pip install -e '\.\[aim\]'", needs_missing="aim"),
+    case("logger_neptune_retired", config("experiment=digits", "logger=neptune"), r"logger=neptune .*Neptune has shut down.*use logger=wandb"),
     case("classify_device_cuda", lambda tmp: resolve_device("cuda"), r"'cuda': .*no CUDA GPU; use cpu", no_gpu=True),
     case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),
     case("run_config_not_a_run", run_dir_with_config("- a\n- list\n"), r"config\.yaml has no model\.name.*Fix"),
@@ -310,6 +321,62 @@ def test_entry_point_exits_2_with_one_line(
     lines = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1 and re.search(pattern, lines[0]), proc.stderr[-3000:]
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no training step
+
+
+# --- the tools' other inputs: output folders, a results.json, --top-k ------------------------
+
+
+def bad_output_path(kind: str, tmp: Path, read_only: Path) -> Path:
+    """An output folder that cannot be written: read-only, or below a file."""
+    if kind == "read_only":
+        return read_only / "out"
+    (tmp / "a_file").write_text("not a folder")
+    return tmp / "a_file" / "out"
+
+
+def one_error_line(code: int, stderr: str) -> str:
+    assert code == 2, stderr[-2000:]
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert "Traceback" not in stderr
+    return line
+
+
+@pytest.mark.parametrize("kind", ["read_only", "parent_is_a_file"])
+def test_export_and_features_refuse_an_output_they_cannot_write(
+    kind: str, digits_run: tuple[str, Path], tmp_path: Path, read_only_folder: Path
+) -> None:
+    run_dir, out = digits_run[1], bad_output_path(kind, tmp_path, read_only_folder)
+    code, _, stderr = run_tool("export.py", str(run_dir), "--out", str(out))
+    assert f"--out {out}: cannot write there" in one_error_line(code, stderr)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    code, _, stderr = run_tool("features.py", str(run_dir), str(image), "-o", str(out / "f.npy"))
+    assert f"--output {out}: cannot write there" in one_error_line(code, stderr)
+
+
+def test_features_refuse_an_output_that_is_a_folder(
+    digits_run: tuple[str, Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "f.npy"
+    output.mkdir()
+    code, _, stderr = run_tool("features.py", str(digits_run[1]), str(tmp_path), "-o", str(output))
+    assert f"--output {output} is a folder" in one_error_line(code, stderr)
+
+
+def test_report_names_a_corrupt_results_file(tmp_path: Path) -> None:
+    results = tmp_path / "run" / "results.json"
+    results.parent.mkdir()
+    results.write_text('{"model": "gunn_mini", "data": "dig')  # a copy cut short
+    code, _, stderr = run_tool("report.py", str(tmp_path))
+    assert f"{results} is not valid JSON" in one_error_line(code, stderr)
+
+
+def test_classify_refuses_top_k_below_one(digits_run: tuple[str, Path], tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "img.png")
+    for flag in ("--top-k", "--top"):
+        code, stdout, stderr = run_tool("classify.py", str(digits_run[1]), str(tmp_path), flag, "0")
+        assert "--top-k 0: show at least one class" in one_error_line(code, stderr)
+        assert stdout == ""
 
 
 # --- 16-bit images (classify.py, features.py): read as the 8-bit picture they widen ---

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import run_entry
+from matplotlib.axes import Axes
 from omegaconf import OmegaConf
+from PIL import Image
 
 from gunn_exp.analysis.report import (
     PAPER,
@@ -20,6 +22,7 @@ from gunn_exp.analysis.report import (
     write_report,
 )
 from gunn_exp.analysis.sweep_summary import SweepSummary
+from gunn_exp.rundir.curves import curves_figure
 
 CURVE_COLUMNS = ("epoch", "lr", "train/loss", "val/err1", "val/err5")
 
@@ -30,7 +33,6 @@ def fake_run(
     """A finished run directory: results.json and a metrics.csv whose val/err1 is lowest at
     epoch 3 (err1 - 1) and whose train loss is 1/epoch + seed/10."""
     run_dir.mkdir(parents=True)
-    (run_dir / ".hydra").mkdir()
     rows = [
         {"epoch": e, "lr": 0.1, "train/loss": 1 / e + seed / 10,
          "val/err1": err1 - (1 if e == 3 else 0) + (epochs - e), "val/err5": 10.0 + e}
@@ -58,7 +60,7 @@ def sweep(tmp_path: Path) -> Path:
     for seed, err in enumerate((4.0, 5.0, 6.0)):
         fake_run(root / f"{seed}_gunn15_cifar10", "gunn15", "cifar10", seed, err)
     fake_run(root / "3_gunn_mini_digits", "gunn_mini", "digits", 0, 9.0)
-    (root / "4_gunn15_cifar10" / ".hydra").mkdir(parents=True)
+    (root / "4_gunn15_cifar10").mkdir()  # refused or killed before its run was accepted
     return root
 
 
@@ -122,6 +124,30 @@ def test_write_report_files(sweep: Path, tmp_path: Path) -> None:
     assert files[2].stat().st_size > 0
 
 
+def epoch_ticks(ax: Axes) -> list[float]:
+    low, high = ax.get_xlim()
+    return [t for t in ax.get_xticks() if low <= t <= high]
+
+
+def test_curves_have_whole_epochs_and_a_log_scale_where_values_span_decades() -> None:
+    """A 2-epoch resume (epochs 3, 4) and the demo's first val loss of 28 (later ones ~0.05)."""
+    rows = [
+        {"epoch": 3, "train/loss": 2.3, "val/loss": 28.0, "train/err1": 80.0, "val/err1": 90.0},
+        {"epoch": 4, "train/loss": 0.4, "val/loss": 0.05, "train/err1": 0.0, "val/err1": 2.0},
+    ]
+    loss, err = curves_figure({"": rows}, "gunn_mini on digits, seed 0").axes
+    assert epoch_ticks(loss) == [3, 4] and epoch_ticks(err) == [3, 4]
+    assert loss.get_yscale() == "log"
+    assert err.get_yscale() == "symlog"  # spans decades, and a training error reached 0%
+    narrow = [{"epoch": 1, "val/err1": 5.0}, {"epoch": 2, "val/err1": 4.0}]
+    assert curves_figure({"": narrow}).axes[1].get_yscale() == "linear"
+
+
+def test_a_runs_curves_are_titled_with_model_data_and_seed(digits_run: tuple[str, Path]) -> None:
+    with Image.open(digits_run[1] / "curves.png") as figure:
+        assert figure.text["Title"] == "gunn_mini on digits, seed 0"
+
+
 def test_paper_numbers_are_spec_section_4() -> None:
     assert PAPER[("gunn15", "cifar10")] == {"err1": 4.15}
     assert PAPER[("gunn24", "cifar100")] == {"err1": 16.69}
@@ -139,6 +165,8 @@ def test_report_cli(sweep: Path, tmp_path: Path) -> None:
     proc = run_entry("report.py", str(sweep), "--out", str(tmp_path / "rep"), "--title", "Mine")
     assert proc.stdout.startswith("# Mine") and "5.00 ± 1.00" in proc.stdout
     assert {p.name for p in tmp_path.glob("rep.*")} == {"rep.md", "rep.csv", "rep.png"}
+    with Image.open(tmp_path / "rep.png") as figure:  # what the figure shows, in its title
+        assert figure.text["Title"] == "Mine: gunn15, gunn_mini on cifar10, digits, seeds 0, 1, 2"
     missing = run_entry("report.py", str(tmp_path / "nothing"), check=False)
     assert missing.returncode == 2 and "matches no file" in missing.stderr
 

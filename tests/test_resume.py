@@ -100,11 +100,9 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(
     run_dir = tmp_path / "run"
     train(run_dir, "trainer.max_epochs=2", *setting)
     assert [r["epoch"] for r in metrics(run_dir)] == ["1", "2"]
-    # A longer run than the one resumed: a change of the training config, on purpose.
+    # A longer run than the one resumed: a new length proceeds (one warning line, README).
     with caplog.at_level(logging.INFO, logger="gunn_exp"):
-        train(
-            run_dir, "trainer.max_epochs=4", "ckpt_path=last", "allow_config_change=true", *setting
-        )
+        train(run_dir, "trainer.max_epochs=4", "ckpt_path=last", *setting)
     assert "resuming from" in caplog.text
     assert metrics(run_dir) == metrics(uninterrupted)  # every column of every epoch
     assert results(run_dir) == results(uninterrupted)
@@ -231,7 +229,7 @@ def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     """Offline wandb: the first run and its resumption write runs with one id."""
     run_dir = tmp_path / "run"
     env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    extend = ["trainer.max_epochs=2", "ckpt_path=last", "allow_config_change=true"]
+    extend = ["trainer.max_epochs=2", "ckpt_path=last"]
     for overrides in (["trainer.max_epochs=1"], extend):
         subprocess.run(
             [

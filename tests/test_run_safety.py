@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,18 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ROOT, RUN_ENV, compose_train, exit_status, quiet_trainer, train_here
+from conftest import (
+    ROOT,
+    RUN_ENV,
+    compose_train,
+    copy_run,
+    exit_status,
+    fill,
+    quiet_trainer,
+    run_entry,
+    tmpfs,
+    train_here,
+)
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -121,8 +133,9 @@ def write_run_config(run_dir: Path, *overrides: str) -> Path:
         (("data.batch_size=32",), "data.batch_size: run 64, now 32"),
         (("optimizer.lr=0.05",), "optimizer.lr: run 0.1, now 0.05"),
         (("scheduler=multistep",), "scheduler._target_"),
-        (("trainer.max_epochs=30",), "trainer.max_epochs: run 15, now 30"),
         (("seed=1",), "seed: run 0, now 1"),
+        (("scheduler.T_max=30",), "scheduler.T_max: run 15, now 30"),  # the length stays 15
+        (("trainer.max_epochs=30", "optimizer.lr=0.05"), "optimizer.lr: run 0.1, now 0.05"),
     ],
 )
 def test_resume_with_a_training_change_is_refused_naming_both_values(
@@ -135,6 +148,33 @@ def test_resume_with_a_training_change_is_refused_naming_both_values(
     assert named in str(err.value) and "\n" not in str(err.value)
     allowed = compose_train("experiment=digits", *change, "allow_config_change=true")
     assert check_config_change(allowed, {}, ckpt, tmp_path) is True
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "line"),
+    [
+        ("cosine", "trainer.max_epochs 15 -> 30; CosineAnnealingLR lr over 15 -> 30 epochs"),
+        (
+            "multistep",
+            "trainer.max_epochs 15 -> 30; MultiStepLR lr x0.1 from epochs [8, 12] -> [15, 23]",
+        ),
+        (
+            "imagenet_step",
+            "trainer.max_epochs 15 -> 30; the LambdaLR lr schedule does not depend on",
+        ),
+        ("none", "trainer.max_epochs 15 -> 30; constant lr"),
+    ],
+)
+def test_resume_with_another_length_proceeds_with_one_line_on_the_schedule(
+    tmp_path: Path, scheduler: str, line: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """lightning-hydra-template's resume test trains 1 epoch, then resumes with max_epochs=2."""
+    ckpt = write_run_config(tmp_path, "experiment=digits", f"scheduler={scheduler}")
+    longer = compose_train("experiment=digits", f"scheduler={scheduler}", "trainer.max_epochs=30")
+    with caplog.at_level("WARNING", logger="gunn_exp"):
+        assert check_config_change(longer, {}, ckpt, tmp_path) is True  # ResumedSchedule follows
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert line in warning and "\n" not in warning
 
 
 @pytest.mark.parametrize(
@@ -177,16 +217,107 @@ def test_resume_as_another_model_is_refused_and_keeps_the_record(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_extending_a_run_on_purpose_follows_the_new_schedule(run_train) -> None:
+def test_extending_a_run_follows_the_new_schedule(run_train) -> None:
     """2 cosine epochs extended to 4: lr 0.1, 0.05, then epochs 3-4 of a 4-epoch cosine."""
     _, run_dir = run_train(*TINY, "trainer.max_epochs=2")
-    refused, _ = run_train(*TINY, "trainer.max_epochs=4", "ckpt_path=last", check=False)
-    assert refused.returncode == 2 and "trainer.max_epochs: run 2, now 4" in refused.stderr
-    run_train(*TINY, "trainer.max_epochs=4", "ckpt_path=last", "allow_config_change=true")
+    extended, _ = run_train(*TINY, "trainer.max_epochs=4", "ckpt_path=last")
+    assert "trainer.max_epochs 2 -> 4; CosineAnnealingLR lr over 2 -> 4 epochs" in extended.stdout
     lrs = [row["lr"] for row in rundir.read_metrics(run_dir / "metrics.csv")]
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.0146447], rel=1e-5)
     assert OmegaConf.load(run_dir / "config.yaml").trainer.max_epochs == 2
     assert OmegaConf.load(run_dir / "config.resume-1.yaml").trainer.max_epochs == 4
+
+
+def files_of(run_dir: Path) -> dict[str, bytes]:
+    """Every file under `run_dir` (hidden ones too) by relative path, with its bytes."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_refused_resume_leaves_every_file_of_the_run_as_it_was(
+    digits_run: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Through train.py, so Hydra's own writes are in play: its record (.hydra/config.yaml,
+    hydra.yaml, overrides.yaml) and its log file (debug.log) would describe a run that never
+    happened."""
+    run_dir = copy_run(digits_run[1], tmp_path / "run")
+    before = files_of(run_dir)
+    assert {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "debug.log"} <= set(
+        before
+    )  # the accepted run has Hydra's record and its log, written by train()
+    proc = run_entry("train.py", *TINY, "model=sunn_mini", "ckpt_path=last",
+                     f"hydra.run.dir={run_dir}", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = error_lines(proc.stderr)
+    assert "'gunn_mini'" in line and "'sunn_mini'" in line
+    assert files_of(run_dir) == before
+
+
+def test_disk_full_before_the_run_starts_stops_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In this process: the first write of a run (its lock) fails for lack of space."""
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", no_space)
+    run_dir = tmp_path / "run"
+    code, stderr = exit_status(lambda: train_here(run_dir, *TINY))
+    monkeypatch.undo()
+    assert code == 1 and "Traceback" not in stderr
+    (line,) = error_lines(stderr, "stopped:")
+    assert line.startswith(f"stopped: disk full while writing {run_dir / rundir.LOCK}")
+    assert "no checkpoint was written yet" in line
+    assert not run_dir.exists() or not list(run_dir.iterdir())  # no empty lock left behind
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_start_or_resume_stops_in_one_line(
+    digits_run: tuple[str, Path], tmp_path: Path
+) -> None:
+    """A real full disk (a small tmpfs), through train.py: a fresh run and a resume."""
+    with tmpfs(tmp_path / "scratch", size="8m") as scratch:
+        run_dir = copy_run(digits_run[1], scratch / "run")
+        fill(scratch)
+        before = files_of(run_dir)
+        for target, overrides in ((scratch / "fresh", ()), (run_dir, ("ckpt_path=last",))):
+            proc = run_entry("train.py", *TINY, *overrides, "trainer.max_epochs=3",
+                             f"hydra.run.dir={target}", check=False)  # fmt: skip
+            assert proc.returncode == 1, proc.stderr[-3000:]
+            assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr
+            (line,) = error_lines(proc.stderr, "stopped:")
+            assert line.startswith(f"stopped: disk full while writing {target / rundir.LOCK}")
+        assert "last.ckpt is intact (saved in epoch 2, step 6)" in line
+        assert files_of(run_dir) == before
+
+
+def test_run_killed_during_its_final_test_resumes_to_complete_results(tmp_path: Path) -> None:
+    """Killed after its last epoch, during the test: resumed, it reports what an uninterrupted
+    run does, though Lightning runs no epoch then (and logs nothing)."""
+    run_dir = tmp_path / "run"
+    uninterrupted = train_here(tmp_path / "uninterrupted", *TINY)
+    train_here(run_dir, *TINY, "test=false")  # what a kill during the test leaves...
+    (run_dir / rundir.RESULTS).unlink()  # ...no results.json
+    resumed = train_here(run_dir, *TINY, "ckpt_path=last")
+    for key in ("final_val_err1", "final_val_err5", "best_val_err1", "test_err1", "epochs"):
+        assert resumed[key] is not None and resumed[key] == uninterrupted[key], key
+    assert resumed["metrics"].keys() == uninterrupted["metrics"].keys()
+    assert json.loads((run_dir / rundir.RESULTS).read_text())["final_val_err5"] is not None
+
+
+def test_a_moved_run_resumes_as_it_would_have_in_place(tmp_path: Path) -> None:
+    """scratch -> home: Lightning's ModelCheckpoint forgets its best when its dirpath changed."""
+    scratch, home = tmp_path / "scratch", tmp_path / "home"
+    train_here(scratch, *TINY, "+trainer.max_steps=3")  # stopped after epoch 1 of 2
+    shutil.copytree(scratch, home)
+    ends = {}
+    for run_dir in (scratch, home):
+        results = train_here(run_dir, *TINY, "ckpt_path=last")
+        best = load_checkpoint(rundir.checkpoint_path(run_dir, rundir.BEST))
+        files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        ends[run_dir.name] = (files, best["epoch"], results["best_val_epoch"])
+    assert ends["home"] == ends["scratch"], ends
+    assert ends["home"][0] == ["best.ckpt", "last.ckpt"]
 
 
 # --- one run per run directory ------------------------------------------------------------------

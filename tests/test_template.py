@@ -26,10 +26,17 @@ from conftest import (
     train_here,
     write_cifar,
 )
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
+from pytorch_lightning.accelerators import CPUAccelerator
 from wandb_records import read_offline_run
 
 from gunn_exp import rundir
+from gunn_exp.config import validate_config
+from gunn_exp.rundir.configs import config_history
 from gunn_exp.training.train import train
 
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
@@ -60,7 +67,7 @@ def train_entry(*overrides: str, env: dict[str, str] | None = None, check: bool 
 
 def test_train_fast_dev_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train_here(run_dir, "experiment=digits", "debug=fast_dev_run")
+    train_here(run_dir, "experiment=digits", "debug=fast_dev_run", "logger=[]")  # no logger
     saved = results(run_dir)
     assert saved["epochs"] == 1 and saved["test_err1"] is not None
     assert not (run_dir / "checkpoints").exists()  # fast_dev_run writes no checkpoint
@@ -91,18 +98,34 @@ def test_eval_without_run_dir_or_ckpt_path_names_both(tmp_path: Path) -> None:
         evaluate(cfg)
 
 
-def test_multirun_with_the_default_tags_stops_with_a_hint(tmp_path: Path) -> None:
-    # A job of `train.py -m data=digits model=gunn_mini debug=tiny seed=1,2`, in this process:
-    # `-m` is Hydra's multirun mode (real multiruns: the extras test below, test_ddp, test_report).
-    overrides = ("data=digits", "model=gunn_mini", "debug=tiny", "seed=1", "hydra.mode=MULTIRUN")
-    try:
-        code, stderr = exit_status(lambda: train_here(tmp_path / "sweep" / "0", *overrides))
-    finally:
-        compose_train()  # HydraConfig back to a single run for the tests that follow
+# A job of `train.py -m data=digits model=gunn_mini debug=tiny seed=1,2`, run in this process
+# (`-m` is Hydra's multirun mode; real multiruns: the slow sweep tests below, test_ddp).
+MULTIRUN_JOB = ("data=digits", "model=gunn_mini", "debug=tiny", "seed=1", "hydra.mode=MULTIRUN")
+
+
+@pytest.fixture
+def single_run_after():
+    """HydraConfig back to a single run for the tests that follow a multirun job."""
+    yield
+    compose_train()
+
+
+@pytest.mark.usefixtures("single_run_after")
+def test_multirun_without_tags_stops_with_a_hint(tmp_path: Path) -> None:
+    code, stderr = exit_status(lambda: train_here(tmp_path / "0", *MULTIRUN_JOB, "tags=[]"))
     assert code == 2
     lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "tags=['dev'] in a multirun" in lines[0] and "tags=[" in lines[0]
+    assert len(lines) == 1 and "tags=[] in a multirun" in lines[0], stderr[-2000:]
+    assert "tags=[" in lines[0] and "extras.enforce_tags=false" in lines[0]
     assert not list(tmp_path.rglob(rundir.RESULTS))
+
+
+@pytest.mark.usefixtures("single_run_after")
+def test_multirun_with_the_default_tags_and_no_logger_runs(tmp_path: Path) -> None:
+    """lightning-hydra-template's rule (enforce_tags refuses only missing tags): its sweep tests
+    run with the default `tags: ["dev"]`; and `logger=[]`, no logger at all, in a multirun."""
+    assert train_here(tmp_path / "0", *MULTIRUN_JOB, "logger=[]")["tags"] == ["dev"]
+    assert results(tmp_path / "0")["epochs"] == 2
 
 
 def test_template_extras_switches(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,6 +149,80 @@ def test_template_extras_switches(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert not caught, [str(w.message) for w in caught]
 
 
+def template_compose(name: str, tmp_path: Path, *overrides: str) -> DictConfig:
+    """A config as lightning-hydra-template's tests/conftest.py builds it: composed with
+    `return_hydra_config=True` (the `hydra` node stays in), set as Hydra's config of a single
+    run, then edited under open_dict."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.trainer.max_epochs = 1
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.devices = 1
+        cfg.logger = None
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def test_template_conftest_config_trains_then_evaluates(tmp_path: Path) -> None:
+    """The template's test_train_fast_dev_run and test_train_eval on configs composed its way."""
+    from gunn_exp.inference.evaluate import evaluate
+
+    cfg_train = template_compose("train", tmp_path, "experiment=digits", "debug=tiny")
+    with open_dict(cfg_train):
+        cfg_train.extras.print_config = False
+        cfg_train.extras.enforce_tags = False
+    trained = train(cfg_train)
+    assert "last.ckpt" in [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    cfg_eval = template_compose("eval", tmp_path / "eval", "ckpt_path=.")
+    with open_dict(cfg_eval):
+        cfg_eval.trainer.limit_test_batches = 2  # the 2 test batches debug=tiny tested
+        cfg_eval.ckpt_path = str(tmp_path / "checkpoints" / "last.ckpt")
+    evaluated = evaluate(cfg_eval)
+    assert evaluated["images"] == 128 and evaluated["err1"] == pytest.approx(trained["test_err1"])
+
+
+def test_eval_composes_a_trainer_like_the_templates_eval_yaml() -> None:
+    """`eval.py trainer=gpu | trainer.devices=... | +trainer.precision=...`: the train.py group."""
+    cfg = compose_config("eval", "ckpt_path=x.ckpt", "trainer=cpu", "+trainer.precision=bf16-mixed")
+    assert cfg.trainer == compose_train("trainer=cpu", "+trainer.precision=bf16-mixed").trainer
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.precision == "bf16-mixed" and isinstance(trainer.accelerator, CPUAccelerator)
+    gpu = compose_config("eval", "ckpt_path=x.ckpt", "trainer=gpu", "trainer.devices=[1]")
+    assert (gpu.trainer.accelerator, list(gpu.trainer.devices)) == ("gpu", [1])
+
+
+def test_readme_lightning_tricks_work_verbatim() -> None:
+    """The template README's `+trainer.` commands: our trainer default has only its keys."""
+    tricks = ("+trainer.gradient_clip_val=0.5", "+trainer.val_check_interval=0.25",
+              "+trainer.accumulate_grad_batches=2", '+trainer.max_time="00:12:00:00"')  # fmt: skip
+    cfg = compose_train("experiment=digits", *tricks)
+    validate_config(cfg)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert (trainer.gradient_clip_val, trainer.val_check_interval) == (0.5, 0.25)
+    assert trainer.accumulate_grad_batches == 2
+    (timer,) = [c for c in trainer.callbacks if type(c).__name__ == "Timer"]
+    assert timer._duration == 12 * 3600
+
+
+def test_resume_with_a_longer_run_proceeds_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The template's resume test: 1 epoch, then `trainer.max_epochs=2 ckpt_path=last`."""
+    run_dir = tmp_path / "run"
+    train_here(run_dir, *TINY, "trainer.max_epochs=1")
+    with caplog.at_level("WARNING", logger="gunn_exp"):
+        resumed = train_here(run_dir, *TINY, "trainer.max_epochs=2", "ckpt_path=last")
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line.endswith("trainer.max_epochs 1 -> 2; CosineAnnealingLR lr over 1 -> 2 epochs")
+    assert resumed["epochs"] == 2
+    assert [r["epoch"] for r in rundir.read_metrics(run_dir / rundir.METRICS)] == [1.0, 2.0]
+    history = [OmegaConf.load(p).trainer.max_epochs for p in config_history(run_dir)]
+    assert history == [1, 2]  # config.yaml, then config.resume-1.yaml
+
+
 # --- slow: the rest of the template's scenarios --------------------------------------------------
 
 
@@ -134,7 +231,7 @@ def test_train_double_val_loop(run_train) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, run_dir = run_train(*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=4",
-                           "trainer.val_check_interval=0.5", "logger=tensorboard")  # fmt: skip
+                           "+trainer.val_check_interval=0.5", "logger=tensorboard")  # fmt: skip
     events = EventAccumulator(str(run_dir / "tensorboard"))  # every validation, by step
     events.Reload()
     assert len(events.Scalars("val/err1")) == 2  # twice in the one epoch
@@ -145,7 +242,7 @@ def test_train_double_val_loop(run_train) -> None:
 def test_train_resume(run_train) -> None:
     proc, run_dir = run_train(*TINY, "trainer.max_epochs=1")
     assert "resuming from" not in proc.stderr + proc.stdout
-    proc, _ = run_train(*TINY, "trainer.max_epochs=2", "ckpt_path=last", "allow_config_change=true")
+    proc, _ = run_train(*TINY, "trainer.max_epochs=2", "ckpt_path=last")
     assert "resuming from" in proc.stderr + proc.stdout
     assert [r["epoch"] for r in rundir.read_metrics(run_dir / rundir.METRICS)] == [1.0, 2.0]
     assert results(run_dir)["epochs"] == 2

@@ -82,6 +82,11 @@ def test_classifier_api(registered: tuple[str, nn.Module]) -> None:
     model = copy.deepcopy(model).train()
     x = tiny_batch(model)
     assert model.get_classifier() is model.fc
+    # timm 1.0: head_hidden_size beside num_features (equal: no pre-logits layer), the width of
+    # forward_head(pre_logits=True) and of the classifier's input.
+    assert model.head_hidden_size == model.num_features == model.fc.in_features
+    pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert pre_logits.shape == (2, model.head_hidden_size)
     model.reset_classifier(5, global_pool="max")
     assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
     model.reset_classifier(0, global_pool="")

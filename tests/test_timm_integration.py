@@ -57,6 +57,25 @@ def test_timm_create_model_builds_ours() -> None:
     assert gunn_timm.register_with_timm() == []  # importing again changes nothing
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_untrained_model_from_timm_is_finite_in_eval_mode(name: str) -> None:
+    """timm's test_model_forward: create_model, eval(), a random input, no NaN. Built through
+    timm a model starts as timm's ResNets do (zero_init_last); gunn_exp's own builder, which
+    the paper recipes use, keeps the authors' init (every BatchNorm gamma 1)."""
+    extra = {"widths": (8, 12), "segments": (2, 3)} if name == "gunn" else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, **extra).eval()
+    size = 32 if model.pretrained_cfg["input_size"][-1] == 32 else 64
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
+    last_gammas = [m.bn_out.weight for m in model.modules() if hasattr(m, "bn_out")]
+    last_gammas += [m.bn2.weight for m in model.modules() if hasattr(m, "bn2")]
+    assert last_gammas and all((g == 0).all() for g in last_gammas)
+    authors = next(m for m in create_model("gunn_mini").modules() if hasattr(m, "bn_out"))
+    assert (authors.bn_out.weight == 1).all()
+
+
 def test_resolve_data_config_cifar_vs_imagenet() -> None:
     cifar = resolve_data_config({}, model=timm.create_model("gunn_mini"))
     assert cifar["input_size"] == (3, 32, 32) and cifar["crop_pct"] == 1.0

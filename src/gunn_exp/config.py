@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gunn_exp.data.crops import CROP_REDUCTIONS
 from gunn_exp.errors import ConfigError
@@ -118,19 +118,24 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _check_gpu_present(cfg: DictConfig) -> None:
-    """`trainer=gpu` (or eval's `device=cuda`) on a machine without a CUDA GPU."""
-    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
-    device = OmegaConf.select(cfg, "device")
-    if str(accelerator) in ("gpu", "cuda") and not _has_cuda():
+def _has_mps() -> bool:
+    import torch
+
+    return torch.backends.mps.is_available()
+
+
+def _check_accelerator_present(cfg: DictConfig) -> None:
+    """`trainer=gpu` or `trainer=mps` on a machine without that device (train.py, eval.py)."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator"))
+    if accelerator in ("gpu", "cuda") and not _has_cuda():
         raise ConfigError(
             f"trainer.accelerator={accelerator}: this machine has no CUDA GPU (torch sees none); "
             f"use trainer=cpu (or trainer.accelerator=auto, which falls back to the CPU)."
         )
-    if str(device).startswith("cuda") and not _has_cuda():
+    if accelerator == "mps" and not _has_mps():
         raise ConfigError(
-            f"device={device}: this machine has no CUDA GPU (torch sees none); use device=cpu "
-            f"or device=auto."
+            "trainer.accelerator=mps: this machine has no Apple GPU (torch.backends.mps is not "
+            "available); use trainer=cpu (or trainer.accelerator=auto)."
         )
 
 
@@ -172,12 +177,62 @@ def _check_batch_split(cfg: DictConfig) -> None:
         )
 
 
+# Logger classes whose library is optional: (modules, any of which serves, the pyproject extra).
+LOGGER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "loggers"),
+    "MLFlowLogger": (("mlflow",), "loggers"),
+    "CometLogger": (("comet_ml",), "comet"),
+    "AimLogger": (("aim",), "aim"),
+}
+# Loggers the installed Lightning no longer provides: why, what to use.
+RETIRED_LOGGERS = {
+    "NeptuneLogger": "Neptune has shut down and Lightning 2.6 removed its NeptuneLogger",
+}
+
+
+def _check_logger_packages(cfg: DictConfig) -> None:
+    """A logger whose library is not installed stops here, naming the extra that installs it,
+    not at the first import inside Lightning after the data and model are built."""
+    from importlib.util import find_spec
+
+    for name, conf in (OmegaConf.select(cfg, "logger") or {}).items():
+        target = str(conf.get("_target_", "")) if isinstance(conf, DictConfig) else ""
+        kind = target.rpartition(".")[2]
+        if kind in RETIRED_LOGGERS:
+            raise ConfigError(
+                f"logger={name} ({target}) cannot run: {RETIRED_LOGGERS[kind]}; use logger=wandb, "
+                f'mlflow, tensorboard, comet or aim (README "Logging").'
+            )
+        modules, extra = LOGGER_PACKAGES.get(kind, ((), ""))
+        if modules and not any(find_spec(m) for m in modules):
+            raise ConfigError(
+                f"logger={name} needs the {modules[0]} package, which is not installed: "
+                f"pip install -e '.[{extra}]' (README \"Logging\")."
+            )
+
+
 # Checks that relate several keys, run after the per-key CHECKS (so each value is well-typed).
 CROSS_CHECKS: list[Callable[[DictConfig], None]] = [
     _check_num_classes,
     _check_batch_split,
-    _check_gpu_present,
+    _check_accelerator_present,
+    _check_logger_packages,
 ]
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """`cfg` as Hydra hands it to a task: without the `hydra` node.
+
+    A config composed with `compose(..., return_hydra_config=True)`, as lightning-hydra-template's
+    tests compose theirs, keeps that node, and in a single run its multirun-only values
+    (`hydra.job.num` in `hydra.sweep.subdir`) are missing: resolving the whole config would fail.
+    """
+    if "hydra" not in cfg:
+        return cfg
+    task = cfg.copy()
+    with open_dict(task):
+        del task["hydra"]
+    return task
 
 
 def validate_config(cfg: DictConfig, registry: bool = True) -> None:

@@ -7,6 +7,8 @@ timm's registry under the same name, with all its pretrained cfgs (`gunn15.cifar
 does at creation applies: pretrained weights from `pretrained_cfg_overlay=dict(file=...)` or a
 `local-dir:` folder (with in_chans adaptation and a fresh classifier for another class count),
 `features_only=True` (timm's FeatureGetterNet over `forward_intermediates`), `checkpoint_path`.
+Built through timm, a model starts with `zero_init_last=True`, as timm's ResNets do (an untrained
+model is finite in eval mode); `zero_init_last=False` gives the authors' init.
 `GunnLayer` is registered as a leaf for timm's FX feature extraction.
 
 Also here: `save_pretrained` / `from_pretrained` (the Hugging Face folder layout, via timm's
@@ -53,6 +55,10 @@ def _entrypoint(name: str) -> Any:
     """timm entrypoint for gunn-exp model `name`: timm's builder around our architecture."""
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        # timm's convention (its ResNets' zero_init_last): every residual branch, here every
+        # segment function G_i, starts at 0, so an untrained model in eval mode gives finite
+        # outputs. gunn_exp's own create_model and the paper recipes keep the authors' init.
+        kwargs.setdefault("zero_init_last", True)
         feature_cfg = {"feature_cls": "getter"}  # FeatureGetterNet over forward_intermediates
         if kwargs.get("features_only") and kwargs.get("out_indices") is None:
             # All taps by default; their number depends on the architecture options, so count

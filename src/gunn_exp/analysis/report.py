@@ -238,12 +238,25 @@ def mean_curves(runs: Sequence[Run]) -> dict[str, list[dict[str, float]]]:
 
 
 def plot_runs(runs: Sequence[Run], path: str | Path, title: str = "") -> Path | None:
-    """Loss (log scale) and top-1 error per epoch of every group (mean over its seeds) on one
-    figure."""
+    """Loss and top-1 error per epoch of every group (mean over its seeds) on one figure, titled
+    with `title` and what it shows: the models, the data and the seeds."""
     from gunn_exp.rundir.curves import plot_curves  # matplotlib: only when a figure is asked for
 
     curves = mean_curves(runs)
-    return plot_curves(curves, path, title=title, loss_scale="log") if curves else None
+    if not curves:
+        return None
+    return plot_curves(curves, path, title=f"{title}: {runs_described(runs)}" if title else "")
+
+
+def runs_described(runs: Sequence[Run]) -> str:
+    """`gunn_mini, sunn_mini on digits, seeds 0, 1, 2`: what a set of runs covers."""
+
+    def listed(key: str) -> str:
+        values = sorted({r.get(key) for r in runs}, key=_sortable)
+        return ", ".join(str(v) for v in values)
+
+    plural = "s" if len({r.get("seed") for r in runs}) > 1 else ""
+    return f"{listed('model')} on {listed('data')}, seed{plural} {listed('seed')}"
 
 
 def write_report(

@@ -32,8 +32,9 @@ class SweepSummary(Callback):
             return
         runs = load_runs([sweep_dir])
         finished = {Path(r["run_dir"]) for r in runs}
-        # Every job directory holds Hydra's .hydra/ folder, finished or not.
-        jobs = sorted(p.parent.resolve() for p in sweep_dir.glob("*/.hydra"))
+        # Every job has its directory, finished or not (a refused job's is left empty: .hydra/ is
+        # written once a run is accepted); the sweep's own files sit beside them.
+        jobs = sorted(p.resolve() for p in sweep_dir.iterdir() if p.is_dir())
         missing = [j.name for j in jobs if j not in finished]
         notes = [f"{len(runs)} of {len(jobs)} jobs finished."]
         if missing:

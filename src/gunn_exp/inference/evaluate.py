@@ -4,9 +4,10 @@ Model and data are rebuilt from `<run_dir>/config.yaml`, so no training override
 `data=<name>` override replaces the run's data config as a whole (data modules take different
 keys, so merging cifar100 over digits would mix them); `ten_crop`, `batch_size` and `num_workers`
 change single keys; `ten_crop_reduce` says how ten crops are combined (eval's choice, like
-`ten_crop`). Outputs go to `<run_dir>/eval/<ckpt>[_<data>][_tencrop[_softmax]][_first<N>]/`:
-results.json, confusion_matrix.csv/.png (rows: true class, columns: predicted) and
-per_class_error.csv.
+`ten_crop`). The Trainer is `cfg.trainer`, the train.py group, as in lightning-hydra-template's
+eval.yaml (`trainer=gpu`, `trainer.devices=[1]`, `+trainer.precision=bf16-mixed`).
+Outputs go to `<run_dir>/eval/<ckpt>[_<data>][_tencrop[_softmax]][_first<N>]/`: results.json,
+confusion_matrix.csv/.png (rows: true class, columns: predicted) and per_class_error.csv.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gunn_exp import rundir
-from gunn_exp.config import validate_config
+from gunn_exp.config import validate_config, without_hydra
 from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import ConfigError
-from gunn_exp.inference.run import CKPT_NAMES, load_run, resolve_device
+from gunn_exp.inference.run import CKPT_NAMES, load_run
 from gunn_exp.rundir.build import build_datamodule
 from gunn_exp.task import ClassificationModule
 
@@ -37,8 +39,9 @@ MAX_LABELLED_CLASSES = 30  # beyond this the confusion matrix plot has no tick l
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` of run `cfg.run_dir` on the test split; return and write the results."""
+    cfg = without_hydra(cfg)
     validate_config(cfg)
-    run = load_run(*_run_and_checkpoint(cfg), device=cfg.device)
+    run = load_run(*_run_and_checkpoint(cfg))  # on the CPU: the Trainer moves it
     data_cfg = _data_config(cfg, run.config)
     validate_config(OmegaConf.create({"data": data_cfg}))
     num_classes = int(run.model.num_classes)
@@ -54,15 +57,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     # The training module's own test step (same errors, crops combined alike), by trainer.test.
     module = _Evaluation(run.model, cfg.ten_crop_reduce)
-    device = resolve_device(cfg.device)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else device.type,
-        devices=[device.index or 0] if device.type == "cuda" else 1,
+    # Evaluation writes no logs or checkpoints; limit_batches, when set, wins over the trainer's.
+    limit = {"limit_test_batches": cfg.limit_batches} if cfg.limit_batches else {}
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_test_batches=cfg.limit_batches or 1.0,
+        **limit,
     )
     metrics = trainer.test(module, dataloaders=dm.test_dataloader(), verbose=False)[0]
     confusion = module.confusion.compute().cpu()

@@ -126,13 +126,14 @@ class ImageClassifier(nn.Module):
     `forward_head`, `get_classifier`, `reset_classifier(num_classes, global_pool)`,
     `feature_info` (one tap after the stem and one per stage, see `_tap_split`),
     `forward_intermediates`, `prune_intermediate_layers`, `set_grad_checkpointing`,
-    `group_matcher`, `num_features`, `num_classes`.
+    `group_matcher`, `num_features`, `head_hidden_size`, `num_classes`.
     """
 
     stem: nn.Module
     stages: nn.Sequential
     head: nn.Module
     num_features: int
+    head_hidden_size: int
     num_classes: int
     feature_info: list[dict[str, Any]]
 
@@ -140,6 +141,9 @@ class ImageClassifier(nn.Module):
         self, num_features: int, num_classes: int, drop_rate: float, global_pool: str = "avg"
     ) -> None:
         self.num_features = num_features
+        # timm 1.0: the width forward_head(pre_logits=True) returns; num_features here, as there
+        # is no pre-logits layer between the pooling and the classifier.
+        self.head_hidden_size = num_features
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.drop = nn.Dropout(drop_rate)
@@ -241,7 +245,7 @@ class ImageClassifier(nn.Module):
         if pruned_end or prune_norm:
             self.head = nn.Identity()  # sized for the last stage's width
         if pruned_end:
-            self.num_features = self.feature_info[last]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[last]["num_chs"]
         if prune_head or pruned_end:
             self.reset_classifier(0, "")
         return taken

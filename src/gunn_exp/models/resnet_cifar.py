@@ -39,7 +39,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(ImageClassifier):
-    """ResNet with BasicBlocks and a CIFAR stem; `blocks` and `widths` give the stages."""
+    """ResNet with BasicBlocks and a CIFAR stem; `blocks` and `widths` give the stages.
+    `zero_init_last`: the gamma of each block's last BatchNorm starts at 0 (timm's option)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class ResNetCifar(ImageClassifier):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         self.in_chans = in_chans
@@ -69,6 +71,10 @@ class ResNetCifar(ImageClassifier):
         self.head = nn.Identity()
         self._build_head(in_width, num_classes, drop_rate, global_pool)
         init_weights(self)
+        if zero_init_last:  # timm's ResNet option: each block starts as its shortcut
+            for block in self.modules():
+                if isinstance(block, BasicBlock):
+                    nn.init.zeros_(block.bn2.weight)
 
 
 @register_model(cfgs=cifar_cfgs(pool_size=(4, 4)))

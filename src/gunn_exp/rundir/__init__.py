@@ -2,6 +2,7 @@
 
     <run>/config.yaml            the resolved config the run started with (never overwritten)
     <run>/config.resume-<N>.yaml the config of the N-th resume, when it differs (configs.py)
+    <run>/.hydra/                Hydra's record of the latest accepted start (configs.py)
     <run>/run.lock               pid and host of the process writing the run (lock.py)
     <run>/checkpoints/best.ckpt  lowest val top-1 error; last.ckpt: every epoch and on a signal.
                                  Each describes itself: model, arguments, classes, preprocessing
@@ -42,6 +43,7 @@ from gunn_exp.rundir.files import (
     read_classes,
     read_metrics,
     read_results,
+    writable_folder,
     write_classes,
     write_json,
     write_results,
@@ -71,6 +73,7 @@ __all__ = [
     "read_classes",
     "read_metrics",
     "read_results",
+    "writable_folder",
     "write_classes",
     "write_json",
     "write_results",

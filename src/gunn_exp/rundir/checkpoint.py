@@ -26,6 +26,7 @@ from torch import Tensor
 from gunn_exp.errors import CheckpointError
 
 DESCRIPTION_KEY = "gunn_exp"
+FIT_METRICS_KEY = "gunn_exp_fit_metrics"  # {name: value} logged last in fit (training.checkpoints)
 DESCRIPTION_FORMAT = 1
 PREFIX = "model."  # ClassificationModule keeps the network under `self.model`
 # What Lightning needs to continue training (a weights-only file has just `state_dict`).

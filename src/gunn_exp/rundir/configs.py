@@ -2,6 +2,8 @@
 
     <run>/config.yaml             the resolved config the run started with (never overwritten)
     <run>/config.resume-<N>.yaml  the config of the N-th resume, when it differs
+    <run>/.hydra/                 Hydra's record of the latest start: the composed config
+                                  (unresolved), Hydra's own config and the command-line overrides
 
 Configs are read as data only: nothing here instantiates a `_target_` (see rundir.build for the
 one place that builds objects from a stored config, and what it allows).
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gunn_exp.errors import RunError
-from gunn_exp.rundir.files import CONFIG, RESUME_CONFIG, atomic_write, find_run_dir
+from gunn_exp.rundir.files import CONFIG, HYDRA_RECORD, RESUME_CONFIG, atomic_write, find_run_dir
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -87,3 +89,15 @@ def save_config(cfg: Any, run_dir: str | Path, resuming: bool = False) -> Path:
     if history[-1].read_text() == text:
         return history[-1]
     return atomic_write(run_dir / RESUME_CONFIG.format(len(history)), text)
+
+
+def save_hydra_record(run_dir: str | Path, config: Any, hydra: Any, overrides: Any) -> Path:
+    """`<run>/.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`: the files Hydra writes there
+    (hydra.core.utils.run_job), written by the run itself once it is accepted
+    (training.guard.accept_run), so that a refused run does not rewrite them."""
+    from omegaconf import OmegaConf
+
+    folder = Path(run_dir) / HYDRA_RECORD
+    for name, node in (("config", config), ("hydra", hydra), ("overrides", overrides)):
+        atomic_write(folder / f"{name}.yaml", OmegaConf.to_yaml(node))
+    return folder

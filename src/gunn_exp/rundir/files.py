@@ -11,14 +11,16 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from gunn_exp.errors import DiskFull
+from gunn_exp.errors import ConfigError, DiskFull, RunError
 
 CONFIG = "config.yaml"
 RESUME_CONFIG = "config.resume-{}.yaml"
+HYDRA_RECORD = ".hydra"
 LOCK = "run.lock"
 CHECKPOINTS = "checkpoints"
 BEST = "best"  # checkpoint stems: `ckpt=best|last` on the command line
@@ -97,6 +99,24 @@ def out_of_space(err: BaseException | None) -> OSError | None:
     return None
 
 
+def writable_folder(folder: str | Path, option: str) -> Path:
+    """`folder`, created if needed, once a file could be written in it: a tool's output folder,
+    checked before any work. Refused in one line naming `option`, the folder and the reason
+    (read-only, a file in the way, ...) rather than with the first write's traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # root ignores permission bits: really write
+            pass
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(folder) else ""
+        raise ConfigError(
+            f"{option} {folder}: cannot write there: {err.strerror or err}{where}; give a folder "
+            f"you can write to."
+        ) from err
+    return folder
+
+
 def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
@@ -117,7 +137,19 @@ def write_results(results: dict[str, Any], output_dir: str | Path) -> Path:
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """A run's results.json, refused in one line naming the file when it is not one (a copy cut
+    short, an edit gone wrong)."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise RunError(
+            f"{path} is not valid JSON ({err}); restore it from a copy of the run, or leave that "
+            f"run out (its run directory is the one holding the file)."
+        ) from err
+    if not isinstance(results, dict):
+        kind = type(results).__name__
+        raise RunError(f"{path} holds a {kind}, not the results of a train.py run.")
+    return results
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import TracebackType
 
-from gunn_exp.errors import RunError
-from gunn_exp.rundir.files import LOCK
+from gunn_exp.errors import DiskFull, RunError
+from gunn_exp.rundir.files import LOCK, out_of_space
 
 
 class RunLock:
@@ -65,8 +66,14 @@ class RunLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self.mine + "\n")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.mine + "\n")
+        except OSError as err:  # e.g. a full disk: leave no empty lock behind, name the file
+            self.path.unlink(missing_ok=True)
+            if out_of_space(err):
+                raise DiskFull(str(self.path), shutil.disk_usage(self.path.parent).free) from err
+            raise
         return True
 
     def _holder(self) -> tuple[int, str, str] | None:

@@ -34,12 +34,14 @@ class EpochSummary(pl.Callback):
 
     Rows are keyed by epoch (1-based); on resume, rows past the checkpoint's epoch (written by the
     interrupted run after its last checkpoint) are dropped so the table never holds an epoch twice.
+    `title` heads the plot (conf/callbacks/default.yaml: model, data and seed).
     """
 
-    def __init__(self, output_dir: str, plot: bool = True) -> None:
+    def __init__(self, output_dir: str, plot: bool = True, title: str = "") -> None:
         self.csv_path = Path(output_dir) / rundir.METRICS
         self.plot_path = Path(output_dir) / rundir.CURVES
         self.plot = plot
+        self.title = title
         self.rows: list[dict[str, float]] = []
         self._epoch_start = 0.0
         self._epoch_lr = float("nan")
@@ -73,9 +75,7 @@ class EpochSummary(pl.Callback):
             return
         self._write_csv()
         if self.plot:
-            plot_curves(
-                {"": self.rows}, self.plot_path, title=f"{pl_module.model.__class__.__name__}"
-            )
+            plot_curves({"": self.rows}, self.plot_path, title=self.title)
         log.info(format_row(row, trainer.max_epochs))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1,8 +1,10 @@
-"""Every checkpoint of a run: written atomically, read safely, and describing its run.
+"""Every checkpoint of a run: written atomically, read safely, describing its run, and resuming
+it as an uninterrupted run would have gone on.
 
 `AtomicCheckpointIO` is the strategy's checkpoint plugin, so every checkpoint Lightning writes or
 reads goes through it; `DescribeCheckpoints` puts the run's description (rundir.checkpoint) into
-each one.
+each one; `ResumeAsInPlace` keeps, across a resume, what Lightning would lose: the epoch's logged
+values when no epoch is left to run, and the best checkpoint of a run directory that was moved.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from gunn_exp import rundir
 from gunn_exp.rundir.build import model_spec
-from gunn_exp.rundir.checkpoint import DESCRIPTION_KEY, RunDescription, load_checkpoint
+from gunn_exp.rundir.checkpoint import (
+    DESCRIPTION_KEY,
+    FIT_METRICS_KEY,
+    RunDescription,
+    load_checkpoint,
+)
 from gunn_exp.rundir.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -91,3 +99,63 @@ class DescribeCheckpoints(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[DESCRIPTION_KEY] = self._describe(trainer).to_dict()
+
+
+class ResumeAsInPlace(pl.Callback):
+    """A resumed run ends as the uninterrupted run would have, wherever its directory now is.
+
+    - The values logged last in fit (`trainer.callback_metrics`: final val/train errors, lr, the
+      best val error) go into every checkpoint. A run resumed after its last epoch (killed during
+      its final test) runs no epoch, so Lightning logs nothing; `fit_metrics` gives those values.
+    - A run directory copied elsewhere (scratch -> home) and resumed there: Lightning's
+      ModelCheckpoint sees another `dirpath` and forgets its best score and files, so the next
+      epoch becomes a new `best-v1.ckpt` beside `best.ckpt`. When the checkpoint files it names
+      came along (same names in the new dirpath), its state is moved to the new directory first.
+    """
+
+    def __init__(self) -> None:
+        self.restored_metrics: dict[str, float] = {}
+
+    def fit_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """The values logged last in fit, by name (the resumed checkpoint's if fit ran no epoch)."""
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        return logged or dict(self.restored_metrics)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[FIT_METRICS_KEY] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Before Lightning hands each callback its state (Checkpoint._restore_callbacks order).
+        self.restored_metrics = dict(checkpoint.get(FIT_METRICS_KEY) or {})
+        states = checkpoint.get("callbacks") or {}
+        for callback in trainer.checkpoint_callbacks:
+            state = states.get(callback.state_key)
+            if isinstance(callback, ModelCheckpoint) and isinstance(state, dict):
+                _follow_moved_dirpath(state, callback.dirpath)
+
+
+def _follow_moved_dirpath(state: dict[str, Any], dirpath: str | None) -> None:
+    """Point a ModelCheckpoint state saved in another directory at `dirpath`, when every file it
+    names is there under the same name (the run was moved, checkpoints included)."""
+    old = state.get("dirpath")
+    if not old or not dirpath or old == dirpath:
+        return
+    named = [p for p in (state.get("best_model_path"), state.get("last_model_path")) if p]
+    named += list(state.get("best_k_models") or {})
+    if not named or not all((Path(dirpath) / Path(p).name).is_file() for p in named):
+        return  # not the same run's files: Lightning's own handling (a fresh directory)
+
+    def moved(path: str) -> str:
+        return str(Path(dirpath) / Path(path).name) if path else path
+
+    state["dirpath"] = dirpath
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            state[key] = moved(state[key])
+    if state.get("best_k_models"):
+        state["best_k_models"] = {moved(p): v for p, v in state["best_k_models"].items()}
+    log.info(f"run moved: checkpoints of {old} continue in {dirpath}")

@@ -13,8 +13,6 @@ from gunn_exp.config import validate_config
 from gunn_exp.errors import ConfigError
 from gunn_exp.training.launch import in_multirun, refuse_child_process_ranks
 
-DEFAULT_TAGS = ["dev"]
-
 
 def check_run(cfg: DictConfig) -> None:
     """Every pre-run refusal, in the order a user would fix them."""
@@ -25,17 +23,17 @@ def check_run(cfg: DictConfig) -> None:
 
 
 def require_tags(cfg: DictConfig) -> None:
-    """A multirun needs tags of its own (as in lightning-hydra-template): `tags=[dev]` on every
-    sweep would make a sweep's runs indistinguishable in wandb and results.json. Off with
-    `extras.enforce_tags=false`."""
-    if not cfg.extras.enforce_tags or not in_multirun():
+    """A multirun needs tags, lightning-hydra-template's `enforce_tags` rule: refused only when
+    there are none at all (`tags=[]`, `tags=null`); the default `[dev]` runs, as the template's
+    own sweep tests rely on. A single run without tags runs too (the template would prompt for
+    them; a run must not wait on a terminal). Off with `extras.enforce_tags=false`."""
+    if not cfg.extras.enforce_tags or not in_multirun() or cfg.get("tags"):
         return
-    tags = list(cfg.get("tags") or [])
-    if not tags or tags == DEFAULT_TAGS:
-        raise ConfigError(
-            f"tags={tags} in a multirun: name the sweep with tags, e.g. "
-            f"tags=[lr_sweep,gunn15] (an experiment config may set them)."
-        )
+    raise ConfigError(
+        f"tags={cfg.get('tags')} in a multirun: name the sweep with tags, e.g. "
+        f"tags=[lr_sweep,gunn15] (or keep the default tags=[dev]; an experiment config may set "
+        f"them), or turn the check off with extras.enforce_tags=false."
+    )
 
 
 def check_train_test(cfg: DictConfig) -> None:

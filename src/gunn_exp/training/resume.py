@@ -1,6 +1,6 @@
 """Resuming: which file `ckpt_path` means, refusing a checkpoint that cannot resume this config
 (other weights, or a config that trains differently), and the schedule of a resume that changed
-the recipe on purpose."""
+the run's length or (on purpose) its recipe."""
 
 from __future__ import annotations
 
@@ -93,16 +93,21 @@ TRAINING_GROUPS: dict[str, tuple[str, ...]] = {
     "optimizer": ("fused", "foreach"),
     "scheduler": (),
 }
-TRAINING_KEYS = (
-    "seed",
-    "trainer.max_epochs",
-    "trainer.precision",
-    "trainer.accumulate_grad_batches",
-    "trainer.gradient_clip_val",
-    "trainer.gradient_clip_algorithm",
-    "trainer.limit_train_batches",
-    "trainer.overfit_batches",
-)
+# Trainer flags that change training, with Lightning's default for a config that leaves one out
+# (conf/trainer/default.yaml lists only lightning-hydra-template's keys; `+trainer.x=` adds one).
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "trainer.max_epochs": None,
+    "trainer.precision": "32-true",
+    "trainer.accumulate_grad_batches": 1,
+    "trainer.gradient_clip_val": None,
+    "trainer.gradient_clip_algorithm": None,
+    "trainer.limit_train_batches": None,
+    "trainer.overfit_batches": 0.0,
+}
+TRAINING_KEYS = ("seed", *TRAINER_DEFAULTS)
+# A new run length, and the schedule values that follow from it (`${trainer.max_epochs}` in
+# conf/scheduler): what a user means by typing another trainer.max_epochs on a resume.
+LENGTH_KEYS = ("trainer.max_epochs", "scheduler.T_max", "scheduler.milestones")
 ALLOW_FLAG = "allow_config_change"
 
 
@@ -119,7 +124,8 @@ def training_config(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     for key in TRAINING_KEYS:
         group, _, name = key.rpartition(".")
         node = container.get(group, {}) if group else container
-        flat[key] = node.get(name) if isinstance(node, dict) else None
+        value = node.get(name) if isinstance(node, dict) else None
+        flat[key] = TRAINER_DEFAULTS.get(key) if value is None else value
     return flat
 
 
@@ -139,9 +145,11 @@ def check_config_change(
     with: the config inside the checkpoint, else (older checkpoints) the latest of its run's
     config history (rundir.configs), found beside the checkpoint or in `run_dir`.
 
-    `allow_config_change=true` lets a run be changed on purpose (e.g. extended with a larger
-    trainer.max_epochs); see `ResumedSchedule` for the schedule. Returns whether the config
-    changes training (and so whether ResumedSchedule is needed).
+    A new `trainer.max_epochs` (lightning-hydra-template's resume test: 1 epoch, then
+    `trainer.max_epochs=2`) proceeds with one warning line saying how the schedule changes; the
+    new config joins the run's config history (save_config). `allow_config_change=true` lets
+    anything else be changed on purpose. Returns whether the config changes training (and so
+    whether the schedule must follow the new config: `ResumedSchedule`).
     """
     described = RunDescription.from_checkpoint(ckpt, ckpt_path)
     source = rundir.find_run_dir(ckpt_path) or run_dir
@@ -153,9 +161,14 @@ def check_config_change(
     else:
         log.warning(f"resuming from {ckpt_path}: no config of its run to compare with")
         return False
-    changes = config_changes(training_config(before), training_config(cfg))
+    old, new = training_config(before), training_config(cfg)
+    changes = config_changes(old, new)
     if not changes:
         return False
+    changed = {key for key, _, _ in changes}
+    if "trainer.max_epochs" in changed and changed <= set(LENGTH_KEYS):
+        log.warning(f"resuming {source}: {length_change(old, new)}")
+        return True
     shown = ", ".join(f"{k}: run {old!r}, now {new!r}" for k, old, new in changes[:4])
     more = f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""
     if cfg.get(ALLOW_FLAG, False):
@@ -166,6 +179,22 @@ def check_config_change(
         f"{shown}{more}. Resume with the run's values, or add {ALLOW_FLAG}=true to change the "
         f"run on purpose (the rest of the run then follows the new schedule; README 'Resuming')."
     )
+
+
+def length_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """One line: the run's new length and what it does to the lr schedule (old -> new)."""
+    line = f"trainer.max_epochs {old['trainer.max_epochs']} -> {new['trainer.max_epochs']}"
+    schedule = str(new.get("scheduler._target_") or "").rpartition(".")[2]
+    if "scheduler.T_max" in new:
+        before, after = old["scheduler.T_max"], new["scheduler.T_max"]
+        return f"{line}; {schedule} lr over {before} -> {after} epochs"
+    if "scheduler.milestones" in new:
+        # MultiStepLR counts scheduler steps from 0: milestone m drops the lr from epoch m + 1.
+        before, after = ([m + 1 for m in c["scheduler.milestones"]] for c in (old, new))
+        return f"{line}; {schedule} lr x{new['scheduler.gamma']} from epochs {before} -> {after}"
+    if schedule:
+        return f"{line}; the {schedule} lr schedule does not depend on the run's length"
+    return f"{line}; constant lr"
 
 
 class ResumedSchedule(pl.Callback):

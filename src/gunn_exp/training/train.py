@@ -19,15 +19,20 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from gunn_exp import rundir
+from gunn_exp.config import without_hydra
 from gunn_exp.data import ImageDataModule
 from gunn_exp.rundir.checkpoint import load_checkpoint
 from gunn_exp.rundir.configs import save_config
 from gunn_exp.rundir.weights import init_from_checkpoint, load_weights
 from gunn_exp.task import ClassificationModule
-from gunn_exp.training.checkpoints import AtomicCheckpointIO, DescribeCheckpoints
+from gunn_exp.training.checkpoints import (
+    AtomicCheckpointIO,
+    DescribeCheckpoints,
+    ResumeAsInPlace,
+)
 from gunn_exp.training.checks import check_run
 from gunn_exp.training.console import apply_extras, summary_lines
-from gunn_exp.training.guard import run_guard
+from gunn_exp.training.guard import accept_run, run_guard
 from gunn_exp.training.launch import (
     check_rank_run_dirs,
     in_multirun,
@@ -45,8 +50,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results.
 
     `train=false` (with `ckpt_path=<file>`) only tests that checkpoint; `test=false` skips the
-    test set. The run directory is locked while this process writes into it.
+    test set. The run directory is locked while this process writes into it. `cfg` may carry its
+    `hydra` node (a config composed as lightning-hydra-template's tests do): it is set aside.
     """
+    cfg = without_hydra(cfg)
     check_run(cfg)
     apply_extras(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -69,8 +76,10 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     module = build_module(cfg, model)
     if rank_zero_only.rank == 0:
         save_config(cfg, output_dir, resuming=resuming)
+    accept_run(cfg, output_dir)  # refusals are behind us: .hydra/ and the log file now
 
-    trainer, loggers = build_trainer(cfg, output_dir, resumed_schedule=changed)
+    resume_as_in_place = ResumeAsInPlace()
+    trainer, loggers = build_trainer(cfg, output_dir, changed, resume_as_in_place)
     if in_multirun() and launches_own_ranks(trainer):
         # See launch.py: DDP inside a multirun. The sweep's wandb group goes along.
         group = wandb_group(cfg) if OmegaConf.select(cfg, "logger.wandb._target_") else None
@@ -82,7 +91,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_time = time.perf_counter() - start
-    fitted = _metrics(trainer)  # the last epoch's values (trainer.test starts a new set)
+    # The last epoch's values (trainer.test starts a new set); the resumed checkpoint's when fit
+    # ran no epoch (a run killed during its final test, resumed).
+    fitted = resume_as_in_place.fit_metrics(trainer)
     # The final weights are tested (the best epoch's validation error is reported beside them).
     tested = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
 
@@ -163,14 +174,14 @@ def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
 
 
 def build_trainer(
-    cfg: DictConfig, output_dir: Path, resumed_schedule: bool
+    cfg: DictConfig, output_dir: Path, resumed_schedule: bool, resume_as_in_place: ResumeAsInPlace
 ) -> tuple[pl.Trainer, list[Any]]:
     """The Trainer with the config's callbacks and loggers, plus what every run has: checkpoints
-    that describe the run, written atomically and read safely."""
+    that describe the run, written atomically, read safely and resumed as in place."""
     callbacks = [
         instantiate(conf) for conf in (cfg.callbacks or {}).values() if conf and "_target_" in conf
     ]
-    callbacks.append(DescribeCheckpoints(cfg, output_dir))
+    callbacks += [DescribeCheckpoints(cfg, output_dir), resume_as_in_place]
     if resumed_schedule:
         callbacks.append(ResumedSchedule())
     loggers = build_loggers(cfg, output_dir)
@@ -178,8 +189,3 @@ def build_trainer(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     return trainer, loggers
-
-
-def _metrics(trainer: pl.Trainer) -> dict[str, float]:
-    """The values logged last, by name (e.g. val/err1, val/err1_best)."""
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
