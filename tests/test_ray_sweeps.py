@@ -14,10 +14,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -227,6 +229,8 @@ def test_packed_jobs_are_their_solo_runs_and_a_stopped_sweep_resumes_exactly(
         assert re.search(why.format(re.escape(str(job))), report), report
     assert f"run the same command with hydra.sweep.dir={sweep} ckpt_path=auto" in report
     assert_same_run(finished, solo)
+    (log,) = finished.glob("*.log")
+    assert "ray: 1 CPU (1 torch threads), GPU none\n" in log.read_text()  # no GPU share
     for job in (stopped, killed):
         assert rundir.checkpoint_path(job, rundir.LAST).is_file()
         assert not (job / rundir.RESULTS).exists()
@@ -242,6 +246,48 @@ def test_packed_jobs_are_their_solo_runs_and_a_stopped_sweep_resumes_exactly(
     assert "3 of 3 jobs finished." in (sweep / "summary.md").read_text()
     code, out, _ = run_tool("report.py", str(sweep), "--no-plot")
     assert code == 0 and re.search(r"\| gunn_mini \| digits \| 3 \| 3 \|", out), out
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_running_jobs_at_a_checkpoint(
+    tmp_path: Path, ray_local: tuple[str, ...]
+) -> None:
+    """Ctrl-C in the driver: Ray interrupts each running job as Ctrl-C would (it saves last.ckpt
+    after its current batch and stops), jobs not yet started never start (max_running=1 keeps
+    the second one waiting), and the sweep stops with one line saying how to finish it."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *ray_local,
+        *SWEEP,
+        "trainer.max_epochs=100",
+        "hydra.launcher.max_running=1",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    driver = subprocess.Popen(
+        command, cwd=ROOT, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    running = sweep / "0_gunn_mini_digits"
+    deadline = time.monotonic() + 300
+    while not rundir.checkpoint_path(running, rundir.LAST).is_file():  # its first epoch is done
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0]
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 128 + signal.SIGINT, output[-4000:]
+    (line,) = [line for line in output.splitlines() if line.startswith("stopped:")]
+    assert line.startswith(
+        "stopped: sweep stopped by Ctrl-C: 0 of 2 jobs finished, 1 interrupted (lines above), "
+        "1 never started."
+    )
+    assert line.endswith(f"run the same command with hydra.sweep.dir={sweep} ckpt_path=auto.")
+    (log,) = running.glob("*.log")
+    assert re.search(r"SIGINT in epoch \d+ after batch \d/3: checkpoint saved", log.read_text())
+    assert not (running / rundir.RESULTS).exists()
+    assert job_dirs(sweep) == [running]
 
 
 def log_times(job: Path) -> tuple[datetime, datetime]:
@@ -262,8 +308,10 @@ def test_a_failed_job_is_listed_while_the_others_share_a_gpu(
     tmp_path: Path, ray_local: tuple[str, ...]
 ) -> None:
     """Two jobs on half a (fake) GPU each run at once, each with torch's threads set to its one
-    CPU (the environment says 2) and its own wandb run in the sweep's group; a third with a bad
-    value fails without stopping them, and the sweep ends listing it with its error line."""
+    CPU (the environment says 2), trainer.devices set to its one GPU (asked: -1, which this
+    machine's CPU would refuse), no progress bar, and its own wandb run in the sweep's group;
+    a third with a bad value fails without stopping them, and the sweep ends listing it with
+    its error line."""
     sweep = tmp_path / "sweep"
     env = {**RAY_ENV, "OMP_NUM_THREADS": "2", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = ray_train(
@@ -271,6 +319,8 @@ def test_a_failed_job_is_listed_while_the_others_share_a_gpu(
         *ray_local,
         *SWEEP,
         "trainer.max_epochs=1",
+        "trainer.accelerator=auto",
+        "trainer.devices=-1",
         "logger=wandb",
         "hydra.launcher.ray.init.num_gpus=1",
         "hydra.launcher.ray.remote.num_gpus=0.5",
@@ -285,10 +335,12 @@ def test_a_failed_job_is_listed_while_the_others_share_a_gpu(
         f"#2 optimizer.lr=-1 ({bad}): error: optimizer.lr=-1 is invalid: expected a "
         f"positive number."
     ) in report
+    assert "it/s" not in proc.stdout  # no job's progress bar
     for job in (first, second):
         assert results(job)["epochs"] == 1
         (log,) = job.glob("*.log")
-        assert "ray: 1 CPU (1 torch threads), GPU 0" in log.read_text()
+        assert "ray: 1 CPU (1 torch threads), GPU 0\n" in log.read_text()
+        assert yaml.safe_load((job / rundir.CONFIG).read_text())["trainer"]["devices"] == 1
         (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
         assert read_offline_run(run_file).group == sweep.name
     assert overlap(first, second)

@@ -161,8 +161,8 @@ def run_jobs(
         finished = sum(r.status is JobStatus.COMPLETED for r in returns.values())
         raise Interrupted(
             f"sweep stopped by Ctrl-C: {finished} of {len(jobs)} jobs finished, {len(running)} "
-            f"saved a checkpoint where they were, {len(waiting)} never started. To finish it, "
-            f"run the same command with hydra.sweep.dir={sweep_dir} ckpt_path=auto.",
+            f"interrupted (lines above), {len(waiting)} never started. To finish it, run the "
+            f"same command with hydra.sweep.dir={sweep_dir} ckpt_path=auto.",
             signal.SIGINT,
         ) from None
     return [returns[job.num] for job in jobs]

@@ -86,9 +86,10 @@ def place(cfg: DictConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA in this process
     elif str(OmegaConf.select(cfg, "trainer.accelerator")) in GPU_ACCELERATORS:
         cfg.trainer.devices = len(gpus)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     log.info(
-        f"ray: {cpus:g} CPU ({torch.get_num_threads()} torch threads), "
-        f"GPU {','.join(map(str, gpus)) or 'none'}"
+        f"ray: {cpus:g} CPU ({torch.get_num_threads()} torch threads), GPU "
+        f"{'none' if visible == '' else visible or 'all (CUDA_VISIBLE_DEVICES unset)'}"
     )
 
 
