@@ -10,6 +10,7 @@ SQLite study, and a sweep joins a Ray instance it did not start, as it would a c
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -38,6 +39,12 @@ from gunn_exp.launchers.ray_task import exit_line
 from gunn_exp.rundir.checkpoint import load_checkpoint
 
 RAY_ENV = {**RUN_ENV, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+# Tests that start Ray or reach for a cluster need the `ray` extra; the rest run without it.
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None
+    or importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+    reason='needs the ray extra (pip install -e ".[ray]")',
+)
 TINY = ("experiment=digits", "debug=tiny", "print_config=false")
 SWEEP = (*TINY, "tags=[ray_test]")
 
@@ -105,6 +112,7 @@ def test_without_ray_installed_the_sweep_stops_in_one_line(tmp_path: Path) -> No
     assert job_dirs(sweep) == []
 
 
+@needs_ray
 def test_a_cluster_address_nothing_answers_at_stops_in_one_line(tmp_path: Path) -> None:
     """Ray itself retries such an address for minutes; the sweep stops at once, naming it."""
     address = f"127.0.0.1:{closed_port()}"
@@ -192,6 +200,7 @@ def kept_files(run_dir: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.mark.slow
+@needs_ray
 def test_packed_jobs_are_their_solo_runs_and_a_stopped_sweep_resumes_exactly(
     tmp_path: Path, ray_local: tuple[str, ...]
 ) -> None:
@@ -249,12 +258,14 @@ def test_packed_jobs_are_their_solo_runs_and_a_stopped_sweep_resumes_exactly(
 
 
 @pytest.mark.slow
+@needs_ray
 def test_ctrl_c_stops_the_running_jobs_at_a_checkpoint(
     tmp_path: Path, ray_local: tuple[str, ...]
 ) -> None:
-    """Ctrl-C in the driver: Ray interrupts each running job as Ctrl-C would (it saves last.ckpt
-    after its current batch and stops), jobs not yet started never start (max_running=1 keeps
-    the second one waiting), and the sweep stops with one line saying how to finish it."""
+    """Ctrl-C in the driver: Ray interrupts the running job as Ctrl-C would (it saves last.ckpt
+    after its current batch and stops), jobs not yet started never start, and the sweep stops
+    with one line saying how to finish it. Three jobs, one at a time (each takes both CPUs):
+    max_running=2 submits #1 (Ray holds it back, and cancels it) but not #2."""
     sweep = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -263,8 +274,9 @@ def test_ctrl_c_stops_the_running_jobs_at_a_checkpoint(
         *ray_local,
         *SWEEP,
         "trainer.max_epochs=100",
-        "hydra.launcher.max_running=1",
-        "seed=1,2",
+        "hydra.launcher.ray.remote.num_cpus=2",
+        "hydra.launcher.max_running=2",
+        "seed=1,2,3",
         f"hydra.sweep.dir={sweep}",
     ]
     driver = subprocess.Popen(
@@ -280,10 +292,13 @@ def test_ctrl_c_stops_the_running_jobs_at_a_checkpoint(
     assert driver.returncode == 128 + signal.SIGINT, output[-4000:]
     (line,) = [line for line in output.splitlines() if line.startswith("stopped:")]
     assert line.startswith(
-        "stopped: sweep stopped by Ctrl-C: 0 of 2 jobs finished, 1 interrupted (lines above), "
-        "1 never started."
+        "stopped: sweep stopped by Ctrl-C: 0 of 3 jobs finished, 1 interrupted (lines above), "
+        "2 never started."
     )
     assert line.endswith(f"run the same command with hydra.sweep.dir={sweep} ckpt_path=auto.")
+    submitted = re.findall(r"\t#(\d) : ", output)
+    assert submitted == ["0", "1"]
+    assert re.search(r"job #1 seed=2 \(\S+\) failed: not started: the sweep was stopped", output)
     (log,) = running.glob("*.log")
     assert re.search(r"SIGINT in epoch \d+ after batch \d/3: checkpoint saved", log.read_text())
     assert not (running / rundir.RESULTS).exists()
@@ -304,6 +319,7 @@ def overlap(a: Path, b: Path) -> bool:
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_failed_job_is_listed_while_the_others_share_a_gpu(
     tmp_path: Path, ray_local: tuple[str, ...]
 ) -> None:
@@ -347,6 +363,7 @@ def test_a_failed_job_is_listed_while_the_others_share_a_gpu(
 
 
 @pytest.mark.slow
+@needs_ray
 def test_optuna_runs_trials_at_once_into_one_sqlite_study(
     tmp_path: Path, ray_local: tuple[str, ...]
 ) -> None:
@@ -383,6 +400,7 @@ def test_optuna_runs_trials_at_once_into_one_sqlite_study(
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_sweep_joins_a_running_ray_instance_as_a_cluster(tmp_path: Path) -> None:
     """`hydra.launcher.ray.init.address=<host:port>`: the jobs run in the workers of a Ray
     instance another process started, with its working directory and environment (no

@@ -48,6 +48,8 @@ CLUSTER_AUTH = (
     "token (in ~/.ray/auth_token or RAY_AUTH_TOKEN; docs/CLUSTER.md)."
 )
 
+NOT_STARTED = "not started: the sweep was stopped"
+
 
 @dataclass
 class Job:
@@ -159,10 +161,12 @@ def run_jobs(
     except KeyboardInterrupt:
         stop_jobs(ray, running, returns)
         finished = sum(r.status is JobStatus.COMPLETED for r in returns.values())
+        unplaced = sum(error_line(returns[job.num]) == NOT_STARTED for job in running.values())
         raise Interrupted(
-            f"sweep stopped by Ctrl-C: {finished} of {len(jobs)} jobs finished, {len(running)} "
-            f"interrupted (lines above), {len(waiting)} never started. To finish it, run the "
-            f"same command with hydra.sweep.dir={sweep_dir} ckpt_path=auto.",
+            f"sweep stopped by Ctrl-C: {finished} of {len(jobs)} jobs finished, "
+            f"{len(running) - unplaced} interrupted (lines above), {len(waiting) + unplaced} "
+            f"never started. To finish it, run the same command with "
+            f"hydra.sweep.dir={sweep_dir} ckpt_path=auto.",
             signal.SIGINT,
         ) from None
     return [returns[job.num] for job in jobs]
@@ -170,11 +174,11 @@ def run_jobs(
 
 def stop_jobs(ray: ModuleType, running: dict[Any, Job], returns: dict[int, JobReturn]) -> None:
     """Ctrl-C: Ray interrupts each running job as Ctrl-C would (its graceful_stop saves
-    last.ckpt after the current batch); jobs not yet placed never start. A second Ctrl-C quits
-    at once."""
+    last.ckpt after the current batch); submitted jobs Ray has not placed yet never start. A
+    second Ctrl-C quits at once."""
     log.warning(
-        f"Ctrl-C: stopping {len(running)} running jobs; each saves last.ckpt after its current "
-        f"batch (Ctrl-C again quits at once)."
+        f"Ctrl-C: stopping {len(running)} submitted jobs; each running one saves last.ckpt after "
+        f"its current batch (Ctrl-C again quits at once)."
     )
     for ref in running:
         ray.cancel(ref)
@@ -198,7 +202,7 @@ def job_return(ray: ModuleType, ref: Any, job: Job) -> JobReturn:
 def died(ray: ModuleType, err: Exception) -> str:
     """The line for a job Ray reports as lost."""
     if isinstance(err, ray.exceptions.TaskCancelledError):
-        return "not started: the sweep was stopped"
+        return NOT_STARTED
     if isinstance(err, ray.exceptions.WorkerCrashedError | ray.exceptions.NodeDiedError):
         return (
             "its process died (killed, out of memory, or its node was lost); with "

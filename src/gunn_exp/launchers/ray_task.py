@@ -54,8 +54,6 @@ class RayTask:
         try:
             return self.task_function(cfg)
         except SystemExit as stop:
-            if not stop.code:
-                return None
             raise JobFailed(exit_line(stop)) from None
         except Exception as err:
             # A traceback does not survive the trip to the driver: log it here, into the job's
