@@ -162,8 +162,8 @@ def report(
         f"**ray / basic (2 threads): {median['ray'] / median['basic']:.2f}x** (medians; by round "
         f"{', '.join(f'{r:.2f}' for r in pairs['basic'])}). ray / basic on 1 thread: "
         f"{median['ray'] / median['basic_1thread']:.2f}x (by round "
-        f"{', '.join(f'{r:.2f}' for r in pairs['basic_1thread'])}): what running 2 jobs at once "
-        f"gains by itself.",
+        f"{', '.join(f'{r:.2f}' for r in pairs['basic_1thread'])}): running 2 jobs at once, "
+        f"apart from the thread count.",
         "",
         f"Ray's start-up (median of {len(startups)}): `import ray` {start['import_s']:.2f} s, "
         f"`ray.init()` of a local instance {start['init_s']:.2f} s, its first task (a fresh "
