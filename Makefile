@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this pair is on the machine's disk (any other pair downloads gigabytes)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dev,export,cluster,search,loggers,timm]"
+	$(BIN)/pip install -q -e ".[dev,export,cluster,search,loggers,timm,ray]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the package with dev tools

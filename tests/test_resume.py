@@ -24,6 +24,7 @@ from conftest import (
     RUN_ENV,
     cifar10_overrides,
     compose_train,
+    copy_run,
     exit_status,
     train_here,
     write_cifar,
@@ -107,6 +108,32 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(
     assert metrics(run_dir) == metrics(uninterrupted)  # every column of every epoch
     assert results(run_dir) == results(uninterrupted)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_ckpt_path_auto_leaves_a_finished_run_as_it_is(uninterrupted: Path, tmp_path: Path) -> None:
+    """A finished run started again with ckpt_path=auto (a sweep's finished job when the sweep
+    is run again) is neither trained nor tested again: its files stay as they were, byte for
+    byte, and train() returns its stored results. Another training value is no such run: the
+    ordinary resume refuses it."""
+    run_dir = copy_run(uninterrupted, tmp_path / "run")
+
+    def files() -> dict[Path, tuple[bytes, int]]:
+        return {
+            p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()
+        }
+
+    before = files()
+    returned = train(run_dir, "trainer.max_epochs=4", "ckpt_path=auto")
+    assert files() == before
+    assert returned == json.loads((run_dir / "results.json").read_text())
+    code, stderr = exit_status(
+        lambda: train(run_dir, "trainer.max_epochs=4", "ckpt_path=auto", "seed=1")
+    )
+    assert (
+        code == 2
+        and "with a config that trains differently" in stderr
+        and "seed: run 0, now 1" in stderr
+    )
 
 
 def stop_in_epoch_2(run_dir: Path, *overrides: str) -> tuple[int, str]:

@@ -21,7 +21,7 @@ from gunn_exp.rundir.checkpoint import (
     load_checkpoint,
     model_state,
 )
-from gunn_exp.rundir.configs import config_history
+from gunn_exp.rundir.configs import config_history, latest_config
 from gunn_exp.rundir.weights import StateDiff, trained_as
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,24 @@ def resolve_ckpt_path(value: str | None, run_dir: Path) -> Path | None:
             f"(ckpt_path=auto starts afresh when there is nothing to resume)."
         )
     return Path(value).expanduser().resolve()
+
+
+def finished_results(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """For `ckpt_path=auto`: the results of a run that already finished in `run_dir` (results.json
+    written, with this config's training values, tested if `test=true`); nothing is then run or
+    written again. A sweep run again after an interruption so leaves its finished jobs as they
+    are. Any other case (no such run, a changed config) takes the ordinary resume path."""
+    results = run_dir / rundir.RESULTS
+    if not cfg.train or not results.is_file():
+        return None
+    finished = rundir.read_results(results)
+    if cfg.test and finished.get("test_err1") is None:
+        return None
+    before = OmegaConf.to_container(OmegaConf.load(latest_config(run_dir)), resolve=False)
+    if config_changes(training_config(before), training_config(cfg)):
+        return None
+    log.info(f"{run_dir} has finished (its results.json): ckpt_path=auto leaves it as it is")
+    return finished
 
 
 def check_resume(cfg: DictConfig, ckpt_path: Path, model: nn.Module, run_dir: Path) -> bool:

@@ -41,7 +41,12 @@ from gunn_exp.training.launch import (
     run_job_as_single_run,
 )
 from gunn_exp.training.loggers import build_loggers, log_run_setup, wandb_group
-from gunn_exp.training.resume import ResumedSchedule, check_resume, resolve_ckpt_path
+from gunn_exp.training.resume import (
+    ResumedSchedule,
+    check_resume,
+    finished_results,
+    resolve_ckpt_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +55,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results.
 
     `train=false` (with `ckpt_path=<file>`) only tests that checkpoint; `test=false` skips the
-    test set. The run directory is locked while this process writes into it. `cfg` may carry its
-    `hydra` node (a config composed as lightning-hydra-template's tests do): it is set aside.
+    test set; `ckpt_path=auto` on a finished run returns its results untouched. The run
+    directory is locked while this process writes into it. `cfg` may carry its `hydra` node (a
+    config composed as lightning-hydra-template's tests do): it is set aside.
     """
     cfg = without_hydra(cfg)
     check_run(cfg)
     apply_extras(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.ckpt_path == "auto" and (finished := finished_results(cfg, output_dir)) is not None:
+        return finished
     with run_guard(output_dir):
         return _train(cfg, output_dir)
 
