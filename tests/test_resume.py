@@ -110,7 +110,9 @@ def test_two_epochs_resumed_to_four_equal_four_epochs(
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
-def test_ckpt_path_auto_leaves_a_finished_run_as_it_is(uninterrupted: Path, tmp_path: Path) -> None:
+def test_ckpt_path_auto_leaves_a_finished_run_as_it_is(
+    setting: tuple, uninterrupted: Path, tmp_path: Path
+) -> None:
     """A finished run started again with ckpt_path=auto (a sweep's finished job when the sweep
     is run again) is neither trained nor tested again: its files stay as they were, byte for
     byte, and train() returns its stored results. Another training value is no such run: the
@@ -123,11 +125,11 @@ def test_ckpt_path_auto_leaves_a_finished_run_as_it_is(uninterrupted: Path, tmp_
         }
 
     before = files()
-    returned = train(run_dir, "trainer.max_epochs=4", "ckpt_path=auto")
+    returned = train(run_dir, "trainer.max_epochs=4", "ckpt_path=auto", *setting)
     assert files() == before
     assert returned == json.loads((run_dir / "results.json").read_text())
     code, stderr = exit_status(
-        lambda: train(run_dir, "trainer.max_epochs=4", "ckpt_path=auto", "seed=1")
+        lambda: train(run_dir, "trainer.max_epochs=4", "ckpt_path=auto", "seed=1", *setting)
     )
     assert (
         code == 2
