@@ -26,6 +26,7 @@ from conftest import (
     train_here,
     write_cifar,
 )
+from wandb_records import read_offline_run
 
 from gunn_exp.errors import CheckpointError
 from gunn_exp.rundir import WANDB_ID as WANDB_ID_FILE
@@ -189,9 +190,16 @@ def test_wandb_run_id_is_kept_with_the_run_directory(tmp_path: Path) -> None:
 def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     """Offline wandb: the first run and its resumption write runs with one id."""
     run_dir = tmp_path / "run"
-    env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {
+        **RUN_ENV,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),  # staged artifacts, not in ~
+    }
     extend = ["trainer.max_epochs=2", "ckpt_path=last", "allow_config_change=true"]
-    for overrides in (["trainer.max_epochs=1"], extend):
+    # Checkpoint artifacts: at every save in the first run, at the end in the resumed one.
+    first = ["trainer.max_epochs=1", "logger.wandb.log_model=all"]
+    for overrides in (first, [*extend, "logger.wandb.log_model=true"]):
         subprocess.run(
             [
                 sys.executable,
@@ -210,3 +218,13 @@ def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
     offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)
+    # One artifact history across the resume: versions of model-<run id>, epochs 1 then 2.
+    runs = [
+        read_offline_run(next((run_dir / "wandb" / name).glob("run-*.wandb")))
+        for name in offline_runs
+    ]
+    for run, epoch in zip(runs, (1, 2), strict=True):
+        models = [a for a in run.artifacts if a["type"] == "model"]
+        assert {a["name"] for a in models} == {f"model-{run_id}"}
+        (last,) = [a for a in models if "last" in a["aliases"]]
+        assert last["metadata"]["epoch"] == epoch and last["metadata"]["model"] == "gunn_mini"
