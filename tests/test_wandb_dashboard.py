@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from wandb_records import OfflineRun, read_offline_run
 
 from gunn_exp import rundir
+from gunn_exp.task import ClassificationModule
 from gunn_exp.training import throughput
 from gunn_exp.training.mistakes import to_pixels
 from gunn_exp.training.throughput import Throughput
+from gunn_exp.training.wandb_logger import WandbLogger
 
 LOG_EVERY = 2  # trainer.log_every_n_steps of the run below
 # debug=tiny on digits with 8 training batches (enough for the validation error to move)
@@ -180,7 +182,8 @@ class Clock:
 
 
 class TimedSteps(pl.LightningModule):
-    """Each training batch takes 2 s of the clock, each validation batch 0.5 s."""
+    """Each training batch takes 2 s of the clock, each validation batch 0.5 s, the end of a
+    validation 1 s."""
 
     def __init__(self, clock: Clock) -> None:
         super().__init__()
@@ -192,6 +195,9 @@ class TimedSteps(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.clock.now += 0.5
+
+    def on_validation_epoch_end(self) -> None:
+        self.clock.now += 1.0  # the epoch's metrics: evaluation time too
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -215,11 +221,28 @@ def test_throughput_counts_images_over_their_loops_time_only(monkeypatch) -> Non
                             num_sanity_val_steps=0, enable_checkpointing=False,
                             val_check_interval=0.5)  # fmt: skip
     # 4 training batches of 10 (8 s); a validation after the 2nd and after the 4th, each of 4
-    # batches of 10 (2 s): the one inside the epoch is not training time.
+    # batches of 10 and its end (3 s): the one inside the epoch is not training time.
     trainer.fit(TimedSteps(clock), DataLoader(data, batch_size=10), DataLoader(data, batch_size=10))
     metrics = trainer.callback_metrics
     assert float(metrics["perf/train_images_per_s"]) == pytest.approx(40 / 8.0)
-    assert float(metrics["perf/val_images_per_s"]) == pytest.approx(80 / 4.0)
+    assert float(metrics["perf/val_images_per_s"]) == pytest.approx(80 / 6.0)
+
+
+def test_the_confusion_matrix_counts_one_test_only() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    model.num_classes = 3
+    module = ClassificationModule(model)
+    data = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    trainer = quiet_trainer()
+    for _ in range(2):  # e.g. a second trainer.test of the same module
+        trainer.test(module, DataLoader(data, batch_size=5), verbose=False)
+        assert int(module.confusion.compute().sum()) == len(data)
+
+
+def test_wandb_logger_keeps_checkpoints_offline_too() -> None:
+    # Lightning's own refuses log_model with offline=True; a wandb run is started only on use.
+    logger = WandbLogger(offline=True, log_model=True, save_dir="unused")
+    assert logger.checkpoint_artifacts is True
 
 
 def test_misclassified_images_are_shown_as_the_model_saw_them() -> None:

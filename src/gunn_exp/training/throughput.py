@@ -28,11 +28,11 @@ class Throughput(pl.Callback):
         self._seconds: dict[str, float] = {}  # loop -> seconds so far this epoch (or test)
         self._images: dict[str, int] = {}  # loop -> images so far this epoch (or test)
 
-    def _add(self, loop: str, batch: Any) -> None:
-        """Count `batch` (one label per image) and the time since the mark, for `loop`."""
+    def _add(self, loop: str, images: int) -> None:
+        """Count `images` and the time since the mark for `loop`; the next interval starts now."""
         now = time.perf_counter()
         self._seconds[loop] = self._seconds.get(loop, 0.0) + now - self._mark
-        self._images[loop] = self._images.get(loop, 0) + len(batch[1])
+        self._images[loop] = self._images.get(loop, 0) + images
         self._mark = now
 
     def _log_rate(self, pl_module: pl.LightningModule, loop: str) -> None:
@@ -56,7 +56,7 @@ class Throughput(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int,
     ) -> None:  # fmt: skip
-        self._add("train", batch)
+        self._add("train", len(batch[1]))  # one label per image
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark = time.perf_counter()
@@ -66,11 +66,14 @@ class Throughput(pl.Callback):
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
         if not trainer.sanity_checking:
-            self._add("val", batch)
+            self._add("val", len(batch[1]))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A validation inside the epoch: the next training batch's time starts now.
-        self._mark = time.perf_counter()
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The loop's end (the module's epoch-end hook, metrics computed, synced and logged) is
+        # evaluation time too; after a validation inside the epoch, the next training batch's
+        # time starts here.
+        if not trainer.sanity_checking:
+            self._add("val", 0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_rate(pl_module, "train")
@@ -86,7 +89,7 @@ class Throughput(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        self._add("test", batch)
+        self._add("test", len(batch[1]))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_rate(pl_module, "test")

@@ -48,6 +48,8 @@ class WandbLogger(lightning_wandb.WandbLogger):
     """
 
     def __init__(self, *args: Any, log_model: bool | Literal["all"] = False, **kwargs: Any) -> None:
+        # Not Lightning's: it refuses log_model with offline=True (older wandb could not keep
+        # artifacts offline; offline runs now hold them until `wandb sync`).
         super().__init__(*args, log_model=False, **kwargs)
         self.checkpoint_artifacts = log_model
         self._defined: set[str] = set()
