@@ -87,7 +87,7 @@ class WandbLogger(lightning_wandb.WandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         super().finalize(status)
-        # As Lightning's: a failed run logs none (its last checkpoint may be what failed).
+        # On success only, as Lightning's: a failed run logs none; its resumption logs its own.
         if status == "success" and self.checkpoint_artifacts is True:
             for path in list(self._saved):
                 self._log_checkpoint(path)
@@ -101,7 +101,7 @@ class WandbLogger(lightning_wandb.WandbLogger):
         ckpt = load_checkpoint(path)
         description = RunDescription.from_checkpoint(ckpt, path)
         metadata = {
-            "epoch": ckpt.get("epoch", -1) + 1,  # 1-based, as metrics.csv and results.json
+            "epoch": ckpt.get("epoch", -1) + 1,  # 1-based (its metrics.csv row, results.json)
             "global_step": ckpt.get("global_step"),
             "val_err1": val_err1,
             "model": description.model if description else None,
