@@ -122,13 +122,18 @@ def compose_train(
 
 
 def run_entry(
-    script: str, *overrides: str, timeout: int = 300, check: bool = True
+    script: str,
+    *overrides: str,
+    timeout: int = 300,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python <script> <overrides>` from the repo root as a user would."""
+    """Run `python <script> <overrides>` from the repo root as a user would (with RUN_ENV, or
+    `env`, e.g. wandb offline)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *overrides],
         cwd=ROOT,
-        env=RUN_ENV,
+        env=RUN_ENV if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -203,26 +208,29 @@ def run_tool(script: str, *args: str) -> tuple[int, str, str]:
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """`train.py experiment=digits debug=tiny` (2 epochs) as a user runs it, once per session
-    (xdist workers share it): its stdout and its run directory. Read-only: a test that writes
-    into a run works on `copy_run`'s copy."""
-    shared = tmp_path_factory.getbasetemp()
+def shared_run(
+    factory: pytest.TempPathFactory, name: str, *overrides: str, env: dict[str, str] | None = None
+) -> tuple[str, Path]:
+    """`train.py <overrides>` as a user runs it, once per session under `name` (xdist workers
+    share it): its stdout and its run directory. Read-only: a test that writes into a run works
+    on `copy_run`'s copy."""
+    shared = factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # this session's folder, above the workers' own
-    run_dir, stdout = shared / "digits_run", shared / "digits_run.stdout"
-    with FileLock(str(shared / "digits_run.lock")):  # the first worker trains, the others wait
+    run_dir, stdout = shared / name, shared / f"{name}.stdout"
+    with FileLock(str(shared / f"{name}.lock")):  # the first worker trains, the others wait
         if not stdout.is_file():
             proc = run_entry(
-                "train.py",
-                "experiment=digits",
-                "debug=tiny",
-                f"hydra.run.dir={run_dir}",
-                "print_config=false",
+                "train.py", *overrides, f"hydra.run.dir={run_dir}", "print_config=false", env=env
             )
             stdout.write_text(proc.stdout)
     return stdout.read_text(), run_dir
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """`train.py experiment=digits debug=tiny` (2 epochs), once per session (`shared_run`)."""
+    return shared_run(tmp_path_factory, "digits_run", "experiment=digits", "debug=tiny")
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:

@@ -236,6 +236,7 @@ CASES = [
     case("batch_not_divisible", config("experiment=digits", "trainer=ddp_cpu", "data.batch_size=63"), r"data\.batch_size=63 .*2 processes.*=62"),
     case("num_classes_too_small", config("experiment=digits", "model.num_classes=5"), r"model\.num_classes=5 .*data\.num_classes=10"),
     case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),
+    case("wandb_log_model", config("experiment=digits", "logger=wandb", "logger.wandb.log_model=best"), r"logger\.wandb\.log_model=.best. is invalid: expected true .*all.*false"),
     case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
     case("limit_train_batches_0.0", config("experiment=digits", "+trainer.limit_train_batches=0.0"), r"limit_train_batches=0\.0"),
     case("trainer_gpu", config("experiment=digits", "trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),

@@ -31,6 +31,7 @@ from conftest import (
 )
 from PIL import Image
 from torch.utils.data import Dataset
+from wandb_records import read_offline_run
 
 from gunn_exp.data.seeding import SeededSamples
 from gunn_exp.data.transforms import cifar_train_transform
@@ -257,9 +258,16 @@ def test_wandb_run_id_is_kept_with_the_run_directory(tmp_path: Path) -> None:
 def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     """Offline wandb: the first run and its resumption write runs with one id."""
     run_dir = tmp_path / "run"
-    env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    extend = ["trainer.max_epochs=2", "ckpt_path=last"]
-    for overrides in (["trainer.max_epochs=1"], extend):
+    env = {
+        **RUN_ENV,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),  # staged artifacts, not in ~
+    }
+    extend = ["trainer.max_epochs=2", "ckpt_path=last", "allow_config_change=true"]
+    # Checkpoint artifacts: at every save in the first run, at the end in the resumed one.
+    first = ["trainer.max_epochs=1", "logger.wandb.log_model=all"]
+    for overrides in (first, [*extend, "logger.wandb.log_model=true"]):
         subprocess.run(
             [
                 sys.executable,
@@ -278,3 +286,13 @@ def test_resumed_run_continues_the_wandb_run(tmp_path: Path) -> None:
     run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
     offline_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(name.endswith(run_id) for name in offline_runs)
+    # One artifact history across the resume: versions of model-<run id>, epochs 1 then 2.
+    runs = [
+        read_offline_run(next((run_dir / "wandb" / name).glob("run-*.wandb")))
+        for name in offline_runs
+    ]
+    for run, epoch in zip(runs, (1, 2), strict=True):
+        models = [a for a in run.artifacts if a["type"] == "model"]
+        assert {a["name"] for a in models} == {f"model-{run_id}"}
+        (last,) = [a for a in models if "last" in a["aliases"]]
+        assert last["metadata"]["epoch"] == epoch and last["metadata"]["model"] == "gunn_mini"

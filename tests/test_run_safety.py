@@ -66,11 +66,18 @@ def test_ddp_run_with_wandb_offline_records_config_metrics_and_curves(tmp_path: 
             *TINY,
             "trainer=ddp_cpu",
             "logger=wandb",
+            "logger.wandb.log_model=true",
             "trainer.max_epochs=2",
+            "+trainer.log_every_n_steps=1",
             f"hydra.run.dir={run_dir}",
         ],
         cwd=ROOT,
-        env={**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+        env={
+            **RUN_ENV,
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),  # staged artifacts, not in ~
+        },
         capture_output=True,
         text=True,
         timeout=600,
@@ -87,6 +94,20 @@ def test_ddp_run_with_wandb_offline_records_config_metrics_and_curves(tmp_path: 
     (curves,) = [row for row in run.history if "curves/filenames" in row]
     image = run_file.parent / "files" / curves["curves/filenames"][0]
     assert image.is_file() and image.read_bytes()[:4] == b"\x89PNG"
+    # The dashboard from rank 0: its step curve (3 steps an epoch), images/s summed over both
+    # ranks, the confusion matrix of both ranks' test images, the checkpoints once.
+    assert sum("train/loss_step" in row for row in run.history) == 6
+    rates = [
+        row["perf/train_images_per_s"] for row in run.history if "perf/train_images_per_s" in row
+    ]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    (table,) = run_file.parent.glob("files/media/table/test/confusion_matrix_table_*.table.json")
+    assert sum(count for *_, count in json.loads(table.read_text())["data"]) == 2 * 64
+    models = [a for a in run.artifacts if a["type"] == "model"]
+    assert sorted(alias for a in models for alias in a["aliases"] if alias != "latest") == [
+        "best",
+        "last",
+    ]
 
 
 # --- strategies that train in child processes ---------------------------------------------------

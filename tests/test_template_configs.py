@@ -41,7 +41,8 @@ def type_names(objects: list[object]) -> list[str]:
 
 
 DEFAULT = type_names(callbacks_of(compose_train()))
-assert DEFAULT[-1] == "TQDMProgressBar"  # sorted last: dropped below where rich replaces it
+TQDM_FREE = [name for name in DEFAULT if name != "TQDMProgressBar"]  # where rich replaces it
+assert len(TQDM_FREE) == len(DEFAULT) - 1
 
 
 @pytest.mark.parametrize(
@@ -55,7 +56,7 @@ assert DEFAULT[-1] == "TQDMProgressBar"  # sorted last: dropped below where rich
         ("[default,model_summary]", sorted([*DEFAULT, "RichModelSummary"])),
         ("[default,model_checkpoint]", DEFAULT),
         # one progress bar per Trainer: rich's replaces tqdm's
-        ("[default,rich_progress_bar]", sorted(["RichProgressBar", *DEFAULT[:-1]])),
+        ("[default,rich_progress_bar]", sorted(["RichProgressBar", *TQDM_FREE])),
     ],
 )
 def test_single_callbacks_compose_with_the_defaults(choice: str, expected: list[str]) -> None:
@@ -112,7 +113,8 @@ def test_many_loggers_are_read_back_by_their_libraries(tmp_path: Path) -> None:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     logs, run_dir = tmp_path / "logs", tmp_path / "run"
-    train_here(run_dir, "experiment=digits", "debug=tiny", "logger=many", f"paths.log_dir={logs}")
+    train_here(run_dir, "experiment=digits", "debug=tiny", "logger=many", f"paths.log_dir={logs}",
+               "+trainer.log_every_n_steps=2")  # fmt: skip
     epochs = json.loads((run_dir / "results.json").read_text())["epochs"]
     assert epochs == 2 and len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + epochs
     assert not (run_dir / "csv").exists()  # logger=csv is metrics.csv: no second, step-level CSV
@@ -120,7 +122,13 @@ def test_many_loggers_are_read_back_by_their_libraries(tmp_path: Path) -> None:
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert len(events.Scalars("val/err1")) == epochs and len(events.Scalars("train/loss")) == epochs
-    assert events.Tags()["images"] == ["curves"]
+    # What wandb's dashboard has, where it applies: step curves, images/s, the test confusion.
+    steps = 3 * epochs // 2  # debug=tiny: 3 batches an epoch, logged every log_every_n_steps=2
+    assert len(events.Scalars("train/loss_step")) == len(events.Scalars("lr_step")) == steps
+    assert len(events.Scalars("perf/train_images_per_s")) == epochs
+    assert len(events.Scalars("perf/val_images_per_s")) == epochs
+    assert len(events.Scalars("perf/test_images_per_s")) == 1
+    assert sorted(events.Tags()["images"]) == ["curves", "test/confusion_matrix"]
     (start,) = [
         HParamsPluginData.FromString(content).session_start_info
         for content in events.PluginTagToContent("hparams").values()
@@ -134,7 +142,10 @@ def test_many_loggers_are_read_back_by_their_libraries(tmp_path: Path) -> None:
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.params["model/name"] == "gunn_mini" and run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "val/err1")) == epochs
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["curves.png"]
+    artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+    assert artifacts == ["curves.png", "test_confusion_matrix.png"]
+    assert len(client.get_metric_history(run.info.run_id, "perf/train_images_per_s")) == epochs
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_step")) == steps
     assert (logs / "mlflow" / "mlruns").is_dir()  # artifacts beside the store, not in the cwd
 
 

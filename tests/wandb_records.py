@@ -48,7 +48,8 @@ def records(path: Path) -> list[Any]:
 
 @dataclass
 class OfflineRun:
-    """What a run logged: its config, history rows (one per `log` call) and summary."""
+    """What a run logged: its config, history rows (one per `log` call), summary, metric
+    definitions (`define_metric`, by name or glob) and artifacts, in the order logged."""
 
     run_id: str
     group: str = ""
@@ -57,10 +58,15 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_offline_run(run_file: Path) -> OfflineRun:
-    """Decode a `.wandb` file into config, history and summary (values JSON-decoded)."""
+    """Decode a `.wandb` file into config, history, summary, metric definitions and artifacts
+    (values JSON-decoded; a metric definition as protobuf's JSON form, e.g. `{"stepMetric":
+    "epoch", "summary": {"min": true}}`; an artifact's files as `files`)."""
+    from google.protobuf.json_format import MessageToDict
 
     def key(item: Any) -> str:
         return item.key or "/".join(item.nested_key)
@@ -80,4 +86,18 @@ def read_offline_run(run_file: Path) -> OfflineRun:
             run.summary.update({key(i): json.loads(i.value_json) for i in record.summary.update})
         elif kind == "files":
             run.files.extend(f.path for f in record.files.files)
+        elif kind == "metric":
+            name = record.metric.name or record.metric.glob_name
+            run.metrics[name] = MessageToDict(record.metric)
+        elif kind == "artifact":
+            art = record.artifact
+            run.artifacts.append(
+                {
+                    "name": art.name,
+                    "type": art.type,
+                    "aliases": list(art.aliases),
+                    "metadata": json.loads(art.metadata or "{}"),
+                    "files": [entry.path for entry in art.manifest.contents],
+                }
+            )
     return run

@@ -98,6 +98,10 @@ CHECKS: dict[str, Check] = {
     "optimizer.lr": (_positive_number, "a positive number"),
     "optimizer.weight_decay": (_non_negative_number, "a number >= 0"),
     "optimizer.momentum": (_non_negative_number, "a number >= 0"),
+    "logger.wandb.log_model": (
+        lambda v: v is True or v is False or v == "all",
+        "true (best and last checkpoints when training ends), all (at every save) or false",
+    ),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MinMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from gunn_exp.data.crops import CROP_REDUCTIONS, reduce_crops
 from gunn_exp.models.compile import compile_regions
@@ -34,8 +34,9 @@ class TopKError(MulticlassAccuracy):
 
 
 class ClassificationModule(pl.LightningModule):
-    """Trains `model` with cross-entropy; logs `{train,val,test}/{loss,err1,err5}` per epoch and
-    `val/err1_best`, the lowest validation top-1 error so far.
+    """Trains `model` with cross-entropy; logs `{train,val,test}/{loss,err1,err5}` per epoch,
+    `val/err1_best`, the lowest validation top-1 error so far, and `train/loss_step`, `lr_step`
+    every `trainer.log_every_n_steps`; counts the test set's confusion matrix (`confusion`).
 
     The module tracks its best itself (not a callback), so results, checkpoint selection and a
     sweep's objective are the same whichever callbacks a config lists; it is saved in
@@ -89,6 +90,9 @@ class ClassificationModule(pl.LightningModule):
                 for k in (1, 5)
             }
         )
+        # Test counts, rows true and columns predicted: eval.py's matrix and the loggers' plot.
+        # Not logged through self.log, so reset by hand at each test; not in the state_dict.
+        self.confusion = MulticlassConfusionMatrix(model.num_classes)
         self.val_err1_best = MinMetric()
         self.val_err1_best.persistent(True)
         # The 1-based epoch of val_err1_best (0: none yet); a buffer, so checkpoints keep it.
@@ -120,13 +124,25 @@ class ClassificationModule(pl.LightningModule):
         return loss, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")[0]
+        loss = self._step(batch, "train")[0]
+        # Step-level curves beside the epoch means, so a spike or a warm-up shows where it
+        # happened: to the loggers every trainer.log_every_n_steps. This rank's batch, unsynced:
+        # an all-reduce every step would cost more than the curve is worth.
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
+        self.log("lr_step", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def on_test_epoch_start(self) -> None:
+        self.confusion.reset()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """The batch's logits, for callbacks' `on_test_batch_end` (training.mistakes)."""
+        logits = self._step(batch, "test")[1]
+        self.confusion.update(logits.argmax(1), batch[1])
+        return logits
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # a check of the code, not an epoch of the run

@@ -19,10 +19,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torch import Tensor
 
 from gunn_exp import rundir
 from gunn_exp.config import validate_config, without_hydra
@@ -30,11 +28,10 @@ from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import ConfigError
 from gunn_exp.inference.run import CKPT_NAMES, load_run
 from gunn_exp.rundir.build import build_datamodule
+from gunn_exp.rundir.confusion import confusion_figure
 from gunn_exp.task import ClassificationModule
 
 log = logging.getLogger(__name__)
-
-MAX_LABELLED_CLASSES = 30  # beyond this the confusion matrix plot has no tick labels
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -55,8 +52,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_data()
     dm.setup("test")
 
-    # The training module's own test step (same errors, crops combined alike), by trainer.test.
-    module = _Evaluation(run.model, cfg.ten_crop_reduce)
+    # The training module's own test step (same errors, crops combined alike, its confusion
+    # matrix), by trainer.test.
+    module = ClassificationModule(run.model, ten_crop_reduce=cfg.ten_crop_reduce)
     # Evaluation writes no logs or checkpoints; limit_batches, when set, wins over the trainer's.
     limit = {"limit_test_batches": cfg.limit_batches} if cfg.limit_batches else {}
     trainer: pl.Trainer = instantiate(
@@ -88,7 +86,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results["output_dir"] = str(out_dir)
     rundir.write_results(results, out_dir)
     _write_confusion(confusion, dm.classes, out_dir)
-    _plot_confusion(confusion, dm.classes, out_dir / "confusion_matrix.png", _title(results))
+    confusion_figure(confusion, dm.classes, _title(results)).savefig(
+        out_dir / "confusion_matrix.png", dpi=110
+    )
     log.info(
         f"{_title(results)}: top-1 error {results['err1']:.2f}%   top-5 error "
         f"{results['err5']:.2f}%   ({results['images']} test images)"
@@ -129,18 +129,6 @@ def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
     return data
 
 
-class _Evaluation(ClassificationModule):
-    """ClassificationModule's test step plus a confusion matrix (rows true, columns predicted)."""
-
-    def __init__(self, model: nn.Module, ten_crop_reduce: str) -> None:
-        super().__init__(model, ten_crop_reduce=ten_crop_reduce)
-        self.confusion = MulticlassConfusionMatrix(model.num_classes)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        _, logits = self._step(batch, "test")
-        self.confusion.update(logits.argmax(1), batch[1])
-
-
 def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
     ckpt = cfg.get("ckpt_path") or cfg.ckpt
     tag = ckpt if ckpt in CKPT_NAMES else Path(ckpt).stem
@@ -177,20 +165,3 @@ def _write_confusion(confusion: Tensor, classes: list[str], out_dir: Path) -> No
             errors = images - row[i]
             err1 = f"{100 * errors / images:.2f}" if images else ""
             writer.writerow([i, name, images, errors, err1])
-
-
-def _plot_confusion(confusion: Tensor, classes: list[str], path: Path, title: str) -> None:
-    """Row-normalised confusion matrix (each true class sums to 1), so rare classes show too."""
-    rates = confusion.float() / confusion.sum(1, keepdim=True).clamp_min(1)
-    n = len(classes)
-    fig = Figure(figsize=(7, 6))  # no pyplot: no global backend or figure registry involved
-    ax = fig.subplots()
-    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label="fraction of the true class")
-    if n <= MAX_LABELLED_CLASSES:
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    ax.title.set_fontsize(9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
