@@ -157,10 +157,12 @@ def hidden_overlap(hidden: list[list[Tensor]], max_samples: int | None = None) -
 
 
 def covariance_spectrum(activation: Tensor) -> Tensor:
-    """Eigenvalues (ascending, >= 0, float64) of the channel covariance of (N, C, H, W)."""
-    x = channel_rows(activation).double()
+    """Eigenvalues (ascending, >= 0, float64) of the channel covariance of (N, C, H, W), over
+    every sample (the product in the activation's precision, at least float32)."""
+    x = channel_rows(activation)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     x = x - x.mean(dim=1, keepdim=True)
-    cov = x @ x.T / max(x.shape[1] - 1, 1)
+    cov = (x @ x.T).double() / max(x.shape[1] - 1, 1)
     return torch.linalg.eigvalsh(cov).clamp(min=0.0)
 
 
@@ -226,18 +228,20 @@ def _plain_layout(block: nn.Module) -> Layout | None:
     return layout
 
 
+@torch.no_grad()
 def gunn_layer_parts(layer: GunnLayer, x: Tensor) -> BlockParts:
-    """The GUNN layer's update rule as `reference_update` computes it (docs/SPEC.md §1), with each
-    Delta_i = G_i(z_i) and G_i's two hidden ReLU outputs."""
+    """The GUNN layer's update rule (docs/SPEC.md §1, `reference_update`), with each
+    Delta_i = G_i(z_i) and G_i's two hidden ReLU outputs. Without autograd, z_i is one buffer
+    updated in place (segment i written after G_i has read it), not K concatenations."""
     xs = list(x.split(layer.width, dim=1))
-    ys, increments, hidden = [], [], []
+    state = x.clone()  # z_i: y_1 .. y_{i-1}, x_i .. x_K
+    increments, hidden = [], []
     for i, unit in enumerate(layer.units):
-        z = x if layer.update == "simultaneous" else torch.cat(ys + xs[i:], dim=1)
-        h1, h2, delta = unit.parts(z)
-        ys.append(xs[i] + delta)
+        h1, h2, delta = unit.parts(x if layer.update == "simultaneous" else state)
+        state[:, i * layer.width : (i + 1) * layer.width] = xs[i] + delta
         increments.append(delta)
         hidden.append([h1, h2])
-    return BlockParts(torch.cat(ys, dim=1), increments, hidden)
+    return BlockParts(state, increments, hidden)
 
 
 def plain_block_parts(block: nn.Module, layout: Layout, x: Tensor) -> BlockParts:
