@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from gunn_exp.errors import ConfigError
 from gunn_exp.models import create_model
-from gunn_exp.models.gunnify import GradualBlock, Residual, gunnify
+from gunn_exp.models.gunnify import GradualBlock, Residual, gradual_blocks, gunnify
 
 
 def small_bottleneck_resnet() -> nn.Module:
@@ -265,3 +265,18 @@ def test_a_gunnified_model_trains_through_train_py(tmp_path) -> None:
     )  # fmt: skip
     assert code == 2 and err == err.splitlines()[0] + "\n"  # one line
     assert err.startswith("error: gunnify: no residual block of ResNetCifar could be converted")
+
+
+def test_split_mode_leaves_exactly_the_off_diagonal_blocks_unused() -> None:
+    """`unused_parameters` (docs/MODELS.md's table) counts the converted blocks' entries that
+    get no gradient."""
+    torch.manual_seed(0)
+    model = small_bottleneck_resnet()
+    total = sum(p.numel() for p in model.parameters())
+    gunnify(model, 4, mode="split")
+    logits = model(torch.randn(4, 3, 32, 32))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 3, 0, 2])).backward()
+    blocks = [b for _, b in gradual_blocks(model)]
+    zero = sum(int((p.grad == 0).sum()) for b in blocks for p in b.parameters())
+    unused = sum(b.unused_parameters() for b in blocks)
+    assert unused > 0 and zero == unused and total == sum(p.numel() for p in model.parameters())

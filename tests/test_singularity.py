@@ -87,3 +87,19 @@ def test_every_n_epochs_and_one_measurement_per_epoch() -> None:
         assert probe.epoch_metrics(trainer, module) is first
         seen.append(bool(first))
     assert seen == [False, True, False, True]
+
+
+def test_the_hessian_option_adds_the_lanczos_estimates() -> None:
+    torch.manual_seed(0)
+    model = create_model("gunn", widths=[16], segments=[2])
+    data = DigitsDataModule(num_classes=10, image_size=8)
+    data.setup()
+    probe = SingularityProbe(probe_size=16, hessian=True, hessian_size=8, hessian_steps=4)
+    trainer = SimpleNamespace(current_epoch=0, datamodule=data)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = probe.epoch_metrics(trainer, SimpleNamespace(model=model, device=torch.device("cpu")))
+    low, high = stats["singularity/hessian/min"], stats["singularity/hessian/max"]
+    assert low < 0 < high  # a network at initialisation: negative curvature too
+    assert 0 <= stats["singularity/hessian/near_zero"] <= 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert model.stages[0].gunn1.impl == "recompute"  # the Hessian's `reference` is undone

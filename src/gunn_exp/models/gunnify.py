@@ -264,6 +264,14 @@ class GradualBlock(nn.Module):
             cols = out_rows
         return hidden, h
 
+    def unused_parameters(self) -> int:
+        """Parameter entries the forward pass never reads: in split mode the off-diagonal blocks
+        of the convs after the first (they stay in the state dict, with zero gradient)."""
+        if self.mode != "split" or self.layout.branch is not None:
+            return 0
+        weights = [getattr(self, conv).weight for conv, _, _ in self.layout.layers[1:]]
+        return sum(w.numel() - w.numel() // self.segments for w in weights)
+
     def filters(self) -> list[Tensor]:
         """Groups of G_i's convolution filters (one row per output channel) that read the same
         input channels: what the weight-overlap statistic compares within each group."""
