@@ -15,10 +15,14 @@ from PIL import Image
 
 from gunn_exp.analysis.report import (
     PAPER,
+    SINGULARITY_STATS,
     convergence_table,
+    group_key,
     load_runs,
     mean_curves,
     results_table,
+    singularity_sites,
+    singularity_table,
     write_report,
 )
 from gunn_exp.analysis.sweep_summary import SweepSummary
@@ -191,3 +195,60 @@ def test_tiny_ablation_multirun_end_to_end(tmp_path: Path) -> None:
     assert (sweep / "ablation.png").stat().st_size > 0
     report = (sweep / "ablation.md").read_text()
     assert "| gunn_mini | digits | 4 | 1 |" in report and "| sunn_mini | digits | 4 | 1 |" in report
+
+
+def add_probe_columns(run_dir: Path, site_values: dict[str, float]) -> None:
+    """Append singularity columns to a fake run's metrics.csv: `<site>/<stat>` -> value + epoch/10
+    for every statistic the report shows."""
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for site, value in site_values.items():
+            for stat in SINGULARITY_STATS:
+                row[f"singularity/{site}/{stat}"] = value + int(row["epoch"]) / 10
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_the_gunn_vs_sunn_singularity_figure_and_table(tmp_path: Path) -> None:
+    """Two groups (GUNN, SUNN) x 3 seeds with known statistics: the table averages the sites,
+    then the seeds; the figure is written beside the report."""
+    for model, base in (("gunn_mini", 0.2), ("sunn_mini", 0.5)):
+        for seed in range(3):
+            run = fake_run(tmp_path / f"{model}_{seed}", model, "digits", seed, 5.0)
+            add_probe_columns(run, {"stages.0.gunn1": base + seed / 100, "stages.1.gunn1": base})
+    runs = load_runs([tmp_path])
+    assert singularity_sites(runs) == ["stages.0.gunn1", "stages.1.gunn1"]
+    table = singularity_table(runs, fractions=(1.0,))
+    gunn = next(line for line in table.splitlines() if "gunn_mini" in line and "mean abs" in line)
+    # epoch 4: per run (0.2 + seed/100 + 0.4 + 0.2 + 0.4) / 2 = 0.6 + seed/200 -> 0.605 ± 0.005
+    assert "0.605 ± 0.005 (ep 4)" in gunn
+    files = write_report(runs, tmp_path / "out" / "r", title="GUNN vs SUNN")
+    assert [f.name for f in files] == ["r.md", "r.csv", "r.png", "r_singularity.png"]
+    assert files[3].stat().st_size > 0 and "## Singularity diagnostics" in files[0].read_text()
+
+
+def test_gunnified_and_data_fraction_runs_are_their_own_groups(tmp_path: Path) -> None:
+    gunnify = {"segments": 4, "mode": "exact", "blocks": None}
+    fake_run(tmp_path / "a", "resnet_mini", "digits", 0, 4.0)
+    fake_run(
+        tmp_path / "b", "resnet_mini", "digits", 0, 5.0, gunnify={**gunnify, "update": "gradual"}
+    )
+    fake_run(
+        tmp_path / "c",
+        "resnet_mini",
+        "digits",
+        0,
+        6.0,
+        gunnify={**gunnify, "update": "simultaneous"},
+    )
+    fake_run(tmp_path / "d", "resnet_mini", "digits", 0, 7.0, train_fraction=0.1)
+    labels = [group_key(r)[:2] for r in load_runs([tmp_path])]
+    assert sorted(labels) == [
+        ("resnet_mini", "digits"),
+        ("resnet_mini", "digits (0.1 of train)"),
+        ("resnet_mini+gunnify(K=4,gradual,exact)", "digits"),
+        ("resnet_mini+gunnify(K=4,simultaneous,exact)", "digits"),
+    ]

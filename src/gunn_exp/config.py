@@ -80,11 +80,24 @@ CHECKS: dict[str, Check] = {
     ),
     "ten_crop_reduce": (_one_of(lambda: CROP_REDUCTIONS), f"one of {CROP_REDUCTIONS}"),
     "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
+    "model.gunnify.segments": (
+        lambda v: v is None or _positive_int(v),
+        "null (off) or a positive integer (K channel segments)",
+    ),
+    "model.gunnify.update": (
+        _one_of(lambda: ["gradual", "simultaneous"]),
+        "gradual or simultaneous",
+    ),
+    "model.gunnify.mode": (_one_of(lambda: ["exact", "split"]), "exact or split"),
     "model.num_classes": (_positive_int, "a positive integer"),
     "data.batch_size": (_positive_int, "a positive integer (the global batch)"),
     "data.num_workers": (_non_negative_int, "an integer >= 0"),
     "data.image_size": (_positive_int, "a positive integer (pixels)"),
     "data.val_size": (_non_negative_int, "an integer >= 0 (held-out training images)"),
+    "data.train_fraction": (
+        lambda v: _positive_number(v) and v <= 1,
+        "a number in (0, 1] (the fraction of the training images trained on)",
+    ),
     "data.check_images": (
         lambda v: v == "all" or _non_negative_int(v),
         "an integer >= 0 (images decoded per split before training) or all",
@@ -95,6 +108,18 @@ CHECKS: dict[str, Check] = {
         "a number of batches >= 1 or a fraction in (0, 1] (0 would train nothing)",
     ),
     "scheduler.T_max": (_positive_int, "a positive number of epochs (the cosine period)"),
+    **{
+        f"callbacks.singularity.{key}": (_positive_int, "a positive integer")
+        for key in (
+            "every_n_epochs",
+            "probe_size",
+            "max_samples",
+            "hessian_size",
+            "hessian_steps",
+            "hessian_vectors",
+        )
+    },
+    "callbacks.singularity.gamma_eps": (_non_negative_number, "a number >= 0"),
     "optimizer.lr": (_positive_number, "a positive number"),
     "optimizer.weight_decay": (_non_negative_number, "a number >= 0"),
     "optimizer.momentum": (_non_negative_number, "a number >= 0"),

@@ -84,8 +84,26 @@ def _sortable(value: Any) -> tuple[bool, Any]:
 
 
 def group_key(run: Mapping[str, Any]) -> GroupKey:
-    """Runs that differ only in their seed: same model, data and number of epochs."""
-    return str(run["model"]), str(run["data"]), int(run.get("epochs") or 0)
+    """Runs that differ only in their seed: same model (and gunnify options), data (and training
+    fraction) and number of epochs."""
+    return model_label(run), data_label(run), int(run.get("epochs") or 0)
+
+
+def model_label(run: Mapping[str, Any]) -> str:
+    """The model's name, with its gunnify options when it was gunnified (models/gunnify.py)."""
+    options = run.get("gunnify")
+    if not options:
+        return str(run["model"])
+    k, update, mode = options.get("segments"), options.get("update"), options.get("mode")
+    return f"{run['model']}+gunnify(K={k},{update},{mode})"
+
+
+def data_label(run: Mapping[str, Any]) -> str:
+    """The data's name, with the fraction of its training images when not all were used."""
+    fraction = run.get("train_fraction")
+    if fraction is None or fraction >= 1:
+        return str(run["data"])
+    return f"{run['data']} ({fraction:g} of train)"
 
 
 def group_runs(runs: Iterable[Run]) -> dict[GroupKey, list[Run]]:
@@ -184,8 +202,8 @@ def runs_table(runs: Sequence[Run]) -> str:
 
     rows = (
         (
-            r["model"],
-            r["data"],
+            model_label(r),
+            data_label(r),
             str(r.get("seed")),
             str(r.get("epochs")),
             pct(r.get("test_err1")),
@@ -200,10 +218,13 @@ def runs_table(runs: Sequence[Run]) -> str:
 
 
 def markdown_report(runs: Sequence[Run], title: str = "Results", notes: Sequence[str] = ()) -> str:
-    """The whole report: groups against the paper, convergence, then every run."""
+    """The whole report: groups against the paper, convergence, the singularity diagnostics
+    when the runs have them, then every run."""
     parts = [f"# {title}", *notes, results_table(runs), TABLE_NOTE]
     if any(r["curve"] for r in runs):
         parts += ["## Convergence", convergence_table(runs)]
+    if singularity_sites(runs):
+        parts += ["## Singularity diagnostics", singularity_table(runs), SINGULARITY_NOTE]
     parts += ["## Runs", runs_table(runs)]
     return "\n\n".join(parts) + "\n"
 
@@ -259,6 +280,126 @@ def runs_described(runs: Sequence[Run]) -> str:
     return f"{listed('model')} on {listed('data')}, seed{plural} {listed('seed')}"
 
 
+# The statistics of the singularity probe (training/singularity.py, models/diagnostics.py) that
+# the table and the figure show, with their titles.
+SINGULARITY_PREFIX = "singularity/"
+SINGULARITY_STATS = {
+    "inc_corr_mean": "increments: mean abs corr",
+    "inc_corr_max": "increments: max abs corr",
+    "hid_corr_mean": "hidden: mean abs corr",
+    "w_cos_max": "weights: max abs cos",
+    "erank": "output: effective rank",
+    "dead_relu": "dead ReLU fraction",
+}
+SINGULARITY_NOTE = (
+    "Each site's statistic (models/diagnostics.py) averaged over the sites (GUNN layers, residual "
+    "blocks) of a run, then mean ± sample std over the runs of the group; the figure shows every "
+    "site. inc: |correlation| between channels of different segments' increments G_i(z_i); hid: "
+    "between hidden channels of one G_i; w: |cosine| between filters reading the same inputs."
+)
+
+
+def singularity_sites(runs: Sequence[Run]) -> list[str]:
+    """The sites (`singularity/<site>/<stat>` columns) in the runs' curves, in first-seen order."""
+    sites: dict[str, None] = {}
+    for run in runs:
+        for row in run["curve"][:1]:
+            for key in row:
+                if key.startswith(SINGULARITY_PREFIX) and key.count("/") == 2:
+                    sites[key.split("/")[1]] = None
+    return list(sites)
+
+
+def _site_mean(row: Mapping[str, float], sites: Sequence[str], stat: str) -> float | None:
+    values = [row[k] for s in sites if (k := f"{SINGULARITY_PREFIX}{s}/{stat}") in row]
+    values = [v for v in values if v == v]  # NaN: no pair at that site
+    return statistics.fmean(values) if values else None
+
+
+def singularity_table(
+    runs: Sequence[Run], fractions: Sequence[float] = (0.0, 0.5, 1.0), digits: int = 3
+) -> str:
+    """Per group and statistic: the site-averaged value, mean ± std over the group's runs, at
+    the first epoch and at fractions of the epochs."""
+    sites = singularity_sites(runs)
+    header = ("model", "data", "statistic", *(f"{f:.0%} of epochs" if f else "first epoch"
+                                              for f in fractions))  # fmt: skip
+    rows = []
+    for (model, data, epochs), group in group_runs(runs).items():
+        for stat, title in SINGULARITY_STATS.items():
+            cells = []
+            for fraction in fractions:
+                epoch = max(1, round(fraction * epochs))
+                values = [
+                    _site_mean(row, sites, stat)
+                    for run in group
+                    for row in run["curve"]
+                    if row.get("epoch") == epoch
+                ]
+                cells.append(f"{fmt_stat(values, digits)} (ep {epoch})")
+            rows.append((model, data, title, *cells))
+    return markdown_table(header, rows)
+
+
+def plot_singularity(runs: Sequence[Run], path: str | Path, title: str = "") -> Path | None:
+    """The singularity statistics per epoch: one panel per statistic (rows) and site (columns),
+    one colour per group (e.g. GUNN and SUNN), the mean over its runs with a band of ± one
+    sample std. None when the runs have no such columns."""
+    sites = singularity_sites(runs)
+    if not sites:
+        return None
+    import matplotlib as mpl  # only when a figure is asked for
+    from matplotlib.figure import Figure
+
+    stats = list(SINGULARITY_STATS)
+    fig = Figure(figsize=(2.6 * len(sites) + 1, 2.1 * len(stats) + 0.6))
+    axes = fig.subplots(len(stats), len(sites), squeeze=False, sharex=True)
+    colors = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    for g, ((model, data, _), group) in enumerate(group_runs(runs).items()):
+        color = colors[g % len(colors)]
+        for row, stat in enumerate(stats):
+            for col, site in enumerate(sites):
+                key = f"{SINGULARITY_PREFIX}{site}/{stat}"
+                by_epoch: dict[float, list[float]] = {}
+                for run in group:
+                    for r in run["curve"]:
+                        if r.get(key) is not None and r[key] == r[key]:
+                            by_epoch.setdefault(r["epoch"], []).append(r[key])
+                if not by_epoch:
+                    continue
+                epochs = sorted(by_epoch)
+                mean = [statistics.fmean(by_epoch[e]) for e in epochs]
+                std = [
+                    statistics.stdev(v) if len(v) > 1 else 0.0 for v in map(by_epoch.get, epochs)
+                ]
+                ax = axes[row][col]
+                ax.plot(epochs, mean, color=color, label=f"{model} {data} (n={len(group)})")
+                low = [m - d for m, d in zip(mean, std, strict=True)]
+                high = [m + d for m, d in zip(mean, std, strict=True)]
+                ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
+    for row, stat in enumerate(stats):
+        axes[row][0].set_ylabel(SINGULARITY_STATS[stat], fontsize=8)
+        for col, site in enumerate(sites):
+            ax = axes[row][col]
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            ax.ticklabel_format(axis="y", useOffset=False)
+            if row == 0:
+                ax.set_title(site, fontsize=9)
+            if row == len(stats) - 1:
+                ax.set_xlabel("epoch", fontsize=8)
+    legend: dict[str, Any] = {}  # label -> handle, over every panel (groups differ in sites)
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=4, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return Path(path)
+
+
 def write_report(
     runs: Sequence[Run],
     prefix: str | Path,
@@ -266,7 +407,9 @@ def write_report(
     plot: bool = True,
     notes: Sequence[str] = (),
 ) -> list[Path]:
-    """`<prefix>.md`, `<prefix>.csv` and (with `plot`) `<prefix>.png`; returns the files written."""
+    """`<prefix>.md`, `<prefix>.csv` and (with `plot`) `<prefix>.png`, and
+    `<prefix>_singularity.png` when the runs have singularity diagnostics; returns the files
+    written."""
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     md = prefix.with_name(prefix.name + ".md")
@@ -275,4 +418,6 @@ def write_report(
     if plot:
         figure = plot_runs(runs, prefix.with_name(prefix.name + ".png"), title)
         written += [figure] if figure else []
+        probes = plot_singularity(runs, prefix.with_name(prefix.name + "_singularity.png"), title)
+        written += [probes] if probes else []
     return written

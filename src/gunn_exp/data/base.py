@@ -77,6 +77,14 @@ class ImageDataModule(pl.LightningDataModule):
                 f"set data.num_classes={found} (the model follows it)."
             )
 
+    def unaugmented_train_set(self) -> Dataset:
+        """The training images as the evaluation pipeline sees them (no random augmentation):
+        what a measurement on training data reads (the singularity probe). The training set
+        itself by default, for data modules that do not augment."""
+        if self.train_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called.")
+        return self.train_set
+
     @property
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

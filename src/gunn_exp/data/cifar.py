@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ class CIFARDataModule(ImageDataModule):
     `on_device=True` keeps the training images on the run's device and augments each batch there
     (`DeviceLoader`): no DataLoader workers, no host-to-device copies; the fast path on a GPU.
     The paper validated on the test set; `val_size > 0` holds out that many training images
-    (a fixed, seeded split) for honest model selection instead.
+    (a fixed, seeded split) for honest model selection instead. `train_fraction` < 1 trains on
+    that fraction of the (remaining) training images, a fixed choice: a harder setting.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class CIFARDataModule(ImageDataModule):
         verify_checksums: bool = True,
         on_device: bool = False,
         num_classes: int = 10,
+        train_fraction: float = 1.0,
         **kwargs,
     ) -> None:
         if name not in _DATASETS:
@@ -113,6 +116,9 @@ class CIFARDataModule(ImageDataModule):
         super().__init__(num_classes=num_classes, name=name, **kwargs)
         if val_size < 0:
             raise ValueError(f"data.val_size={val_size} must be >= 0.")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"data.train_fraction={train_fraction} must be in (0, 1].")
+        self.train_fraction = train_fraction
         self.data_dir = Path(data_dir)
         self.download = download
         self.jigsaw = jigsaw
@@ -166,15 +172,27 @@ class CIFARDataModule(ImageDataModule):
         )
         test = cls(self.data_dir, train=False, transform=cifar_eval_transform(self.name))
         self.classes = list(train.classes)
-        if self.val_size:
-            # Same images, two transforms: hold out a fixed subset of train for validation.
+        self.train_set, self.val_set, self.test_set = train, test, test
+        if self.val_size or self.train_fraction < 1:
+            # One fixed order: the first val_size images held out for validation (same images,
+            # the evaluation transform), the first train_fraction of the rest trained on.
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
-            held = cls(self.data_dir, train=True, transform=cifar_eval_transform(self.name))
-            self.train_set = Subset(train, order[self.val_size :])
-            self.val_set = Subset(held, order[: self.val_size])
-        else:
-            self.train_set, self.val_set = train, test
-        self.test_set = test
+            rest = order[self.val_size :]
+            self.train_set = Subset(train, rest[: max(1, round(self.train_fraction * len(rest)))])
+            if self.val_size:
+                self.val_set = Subset(self._unaugmented(train), order[: self.val_size])
+
+    def _unaugmented(self, dataset: CIFAR10) -> CIFAR10:
+        """The same images (shared, not reloaded) with the evaluation transform."""
+        plain = copy.copy(dataset)
+        plain.transform = cifar_eval_transform(self.name)
+        return plain
+
+    def unaugmented_train_set(self) -> CIFAR10 | Subset:
+        train = super().unaugmented_train_set()
+        if isinstance(train, Subset):
+            return Subset(self._unaugmented(train.dataset), train.indices)
+        return self._unaugmented(train)
 
     def _data_error(self, err: Exception) -> DataError:
         """One line for a failed load: which file is missing or corrupt when the folder is there

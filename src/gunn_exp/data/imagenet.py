@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,12 @@ class ImageNetDataModule(ImageDataModule):
         )
         self.classes = train.classes
         self.train_set, self.val_set, self.test_set = train, val, val
+
+    def unaugmented_train_set(self) -> ImageFolder:
+        """The training images with one centre crop (the evaluation transform), not re-listed."""
+        plain = copy.copy(super().unaugmented_train_set())
+        plain.transform = imagenet_eval_transform(self.image_size, ten_crop=False)
+        return plain
 
 
 def _is_image(path: Path) -> bool:

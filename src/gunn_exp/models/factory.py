@@ -9,14 +9,19 @@ weights loaded (`gunn_exp.models.pretrained`) and the feature extractor wrapped 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from gunn_exp.models.features import FeatureExtractor
+from gunn_exp.models.gunnify import gunnify as convert_blocks
+from gunn_exp.models.gunnify import gunnify_options
 from gunn_exp.models.pretrained import load_pretrained
 from gunn_exp.models.registry import build_architecture, resolve_pretrained_cfg
+
+log = logging.getLogger(__name__)
 
 
 def create_model(
@@ -26,6 +31,7 @@ def create_model(
     pretrained_cfg_overlay: dict | None = None,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
+    gunnify: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the registered model `name` ("arch" or "arch.tag"), timm's way.
@@ -38,11 +44,14 @@ def create_model(
     `pretrained_cfg_overlay=dict(file="export/model.safetensors")`); a classifier of another
     class count stays freshly initialised. `features_only=True` returns a `FeatureExtractor`
     giving the feature taps `out_indices` (default all). The model's `pretrained_cfg` is the
-    resolved cfg (what `timm.data.resolve_data_config` reads).
+    resolved cfg (what `timm.data.resolve_data_config` reads). `gunnify` (`gunnify`'s options:
+    `segments`, `update`, `mode`, `blocks`; `segments` None: off) gives the model's residual
+    blocks the gradual update after the weights are loaded (models/gunnify.py).
 
     Raises:
         ValueError: unknown name (the message lists the registered ones), unknown tag, or an
-            option the model cannot honour (e.g. drop_path_rate=0.1).
+            option the model cannot honour (e.g. drop_path_rate=0.1); a ConfigError for
+            `gunnify` options that cannot apply to the model.
         TypeError: an option the model's constructor does not take (the message lists the
             accepted ones), or one that a paper model fixes (e.g. widths for gunn15).
     """
@@ -58,4 +67,7 @@ def create_model(
     model._model_args = kwargs  # where timm reads reconstruction arguments (save_for_hf)
     if pretrained:
         load_pretrained(model, cfg, arch)
+    options = gunnify_options(gunnify)
+    if options is not None:
+        log.info(convert_blocks(model, **options).summary())
     return FeatureExtractor(model, out_indices) if features_only else model

@@ -72,13 +72,18 @@ class GunnUnit(nn.Module):
             self.bn_in.weight[self.hidden :].zero_()
 
     def forward(self, z: Tensor) -> Tensor:
+        return self.parts(z)[2]
+
+    def parts(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(first hidden activation, second hidden activation, G_i(z)): the forward pass with
+        the hidden ReLU outputs it passes through, which the singularity probe measures."""
         a = self.bn_in(self.conv_in(z))
-        h = torch.relu(a[:, : self.hidden])
-        h = torch.relu(self.bn_mid(self.conv_mid(h)))
-        h = self.bn_out(self.conv_out(h))
+        h1 = torch.relu(a[:, : self.hidden])
+        h2 = torch.relu(self.bn_mid(self.conv_mid(h1)))
+        h = self.bn_out(self.conv_out(h2))
         if self.projection:
             h = h + a[:, self.hidden :]
-        return h
+        return h1, h2, h
 
 
 # An implementation maps (x, units, update, **options) -> output; `GunnLayer.impl_options` are

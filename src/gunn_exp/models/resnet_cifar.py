@@ -26,6 +26,8 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_chans)
         self.conv2 = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_chans)
+        # A module, as torchvision's, so that gunnify (models/gunnify.py) finds the activation.
+        self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_chans != out_chans:
             self.shortcut = nn.Sequential(
@@ -33,9 +35,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.bn1(self.conv1(x)).relu()
+        h = self.relu(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
-        return (h + self.shortcut(x)).relu()
+        return self.relu(h + self.shortcut(x))
 
 
 class ResNetCifar(ImageClassifier):
@@ -81,3 +83,11 @@ class ResNetCifar(ImageClassifier):
 def resnet18_cifar(**options: Any) -> ResNetCifar:
     """CIFAR ResNet-18 (3x3 stem, no max pool): a yardstick for benchmarks, not a GUNN."""
     return ResNetCifar(**options)
+
+
+@register_model(cfgs=cifar_cfgs(pool_size=(8, 8)))
+def resnet_mini(**options: Any) -> ResNetCifar:
+    """Compact CIFAR ResNet for CPU ablations (ResNet vs gunnified ResNet): He et al.'s CIFAR
+    skeleton with n=2 (3 stages of 2 BasicBlocks, widths 16/32/64) and 1x1-conv shortcuts.
+    175,258 parameters with 10 classes."""
+    return ResNetCifar(blocks=(2, 2, 2), widths=(16, 32, 64), **options)

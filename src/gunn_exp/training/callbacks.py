@@ -7,6 +7,7 @@ import io
 import logging
 import time
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 
@@ -29,12 +30,27 @@ COLUMNS = (
 )
 
 
+@runtime_checkable
+class EpochMetrics(Protocol):
+    """A callback that measures something once per epoch (e.g. training.singularity's probe):
+    EpochSummary asks it at the epoch's end and adds what it returns to the epoch's row of
+    `metrics.csv`, after the fixed COLUMNS. It returns the same values however often it is asked
+    in one epoch ({} in epochs it does not measure)."""
+
+    def epoch_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, float]: ...
+
+
 class EpochSummary(pl.Callback):
     """After every training epoch: one row in `metrics.csv`, one log line, a fresh `curves.png`.
 
     Rows are keyed by epoch (1-based); on resume, rows past the checkpoint's epoch (written by the
     interrupted run after its last checkpoint) are dropped so the table never holds an epoch twice.
     `title` heads the plot (conf/callbacks/default.yaml: model, data and seed).
+    Callbacks that are `EpochMetrics` add their columns after the fixed ones; `epoch_time_s` is
+    read before they are asked, so it leaves out their work when they are listed after this
+    callback (as in `callbacks=[default,singularity]`).
     """
 
     def __init__(self, output_dir: str, plot: bool = True, title: str = "") -> None:
@@ -69,6 +85,9 @@ class EpochSummary(pl.Callback):
         }
         # Not `lr`: callback_metrics still holds the value logged below for the previous epoch.
         row.update({k: float(metrics[k]) for k in COLUMNS if k in metrics and k not in row})
+        for callback in trainer.callbacks:
+            if isinstance(callback, EpochMetrics):
+                row.update(callback.epoch_metrics(trainer, pl_module))
         pl_module.log("lr", self._epoch_lr, on_step=False, on_epoch=True, rank_zero_only=True)
         self.rows.append(row)
         if not trainer.is_global_zero:
@@ -83,8 +102,10 @@ class EpochSummary(pl.Callback):
             log_curves(trainer.loggers, self.plot_path)  # the final plot, to every logger
 
     def _write_csv(self) -> None:
+        # The fixed columns, then the others in the order they first appear.
+        fields = dict.fromkeys(COLUMNS) | dict.fromkeys(k for row in self.rows for k in row)
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=COLUMNS)
+        writer = csv.DictWriter(text, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows({k: _fmt(v) for k, v in row.items()} for row in self.rows)
         rundir.atomic_write(self.csv_path, text.getvalue())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
@@ -21,6 +22,7 @@ from torch import nn
 from gunn_exp import rundir
 from gunn_exp.config import without_hydra
 from gunn_exp.data import ImageDataModule
+from gunn_exp.errors import ConfigError
 from gunn_exp.rundir.checkpoint import load_checkpoint
 from gunn_exp.rundir.configs import save_config
 from gunn_exp.rundir.weights import init_from_checkpoint, load_weights
@@ -149,6 +151,9 @@ def collect_results(
         "best_val_epoch": int(module.best_val_epoch) or None,
         "final_val_err1": fitted.get("val/err1"),
         "final_val_err5": fitted.get("val/err5"),
+        # What makes runs of one model and data differ beyond the seed (report.py groups by it).
+        "gunnify": _gunnify(cfg),
+        "train_fraction": OmegaConf.select(cfg, "data.train_fraction", default=1.0),
         "output_dir": cfg.paths.output_dir,
         "tags": list(cfg.tags),
         # Every metric by its logged name: what optimized_metric selects from.
@@ -159,9 +164,25 @@ def collect_results(
     return results
 
 
+def _gunnify(cfg: DictConfig) -> dict[str, Any] | None:
+    """The model's gunnify options when it is gunnified (models/gunnify.py), else None."""
+    options = OmegaConf.select(cfg, "model.gunnify")
+    if options is None or options.get("segments") is None:
+        return None
+    return OmegaConf.to_container(options, resolve=True)  # type: ignore[return-value]
+
+
 def build_network(cfg: DictConfig) -> nn.Module:
     """The network of `cfg.model`; with `init_from`, started from another run's weights."""
-    model: nn.Module = instantiate(cfg.model)
+    refused = None
+    try:
+        model: nn.Module = instantiate(cfg.model)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, ConfigError):
+            raise
+        refused = err.__cause__
+    if refused is not None:  # a refused option (e.g. gunnify's): its one line, raised out here
+        raise refused  # so that its context does not loop back to Hydra's wrapper
     if cfg.init_from:  # fine-tuning: all but a classifier of another shape (rundir.weights)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     log.info(f"model {cfg.model.name}: {count_params(model):,} parameters")
