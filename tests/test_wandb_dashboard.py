@@ -35,7 +35,7 @@ STEPS_PER_EPOCH, EPOCHS, BATCH, TEST_BATCHES = 8, 2, 64, 2
 @pytest.fixture(scope="session")
 def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OfflineRun]:
     """`train.py experiment=digits debug=tiny logger=wandb logger.wandb.log_model=true` offline,
-    with a stand-in for the singularity diagnostics; its run directory and its wandb records."""
+    with the singularity diagnostics on; its run directory and its wandb records."""
     data = tmp_path_factory.getbasetemp() / "wandb-data"  # wandb's staging copies, not in ~
     env = {**RUN_ENV, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "WANDB_DATA_DIR": str(data), "WANDB_CACHE_DIR": str(data)}  # fmt: skip
@@ -43,7 +43,7 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, OfflineRu
         tmp_path_factory, "wandb_run", "experiment=digits", "debug=tiny", "logger=wandb",
         "logger.wandb.log_model=true", f"+trainer.log_every_n_steps={LOG_EVERY}",
         f"trainer.limit_train_batches={STEPS_PER_EPOCH}",
-        "+callbacks.probe._target_=singularity_probe.SingularityProbe", env=env,
+        "callbacks=[default,singularity]", env=env,
     )  # fmt: skip
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     return run_dir, read_offline_run(run_file)
@@ -74,7 +74,7 @@ def test_per_epoch_panels_use_epoch_and_summaries_sort_by_the_best(wandb_run) ->
     run_dir, run = wandb_run
     per_epoch = ["train/loss", "train/err1", "val/err1", "val/err1_best", "lr",
                  "perf/train_images_per_s", "perf/val_images_per_s", "test/err1",
-                 "singularity/stage1/probe"]  # fmt: skip
+                 "singularity/stages.0.gunn1/inc_corr_mean", "singularity/probe_time_s"]  # fmt: skip
     for key in per_epoch:
         assert run.metrics[key]["stepMetric"] == "epoch", key
     # Step-level keys keep Lightning's catch-all x-axis, the global step.
