@@ -74,7 +74,8 @@ def test_per_epoch_panels_use_epoch_and_summaries_sort_by_the_best(wandb_run) ->
     run_dir, run = wandb_run
     per_epoch = ["train/loss", "train/err1", "val/err1", "val/err1_best", "lr",
                  "perf/train_images_per_s", "perf/val_images_per_s", "test/err1",
-                 "singularity/stages.0.gunn1/inc_corr_mean", "singularity/probe_time_s"]  # fmt: skip
+                 "singularity/stages.0.gunn1/inc_corr_mean",
+                 "singularity/probe_time_s"]  # fmt: skip
     for key in per_epoch:
         assert run.metrics[key]["stepMetric"] == "epoch", key
     # Step-level keys keep Lightning's catch-all x-axis, the global step.
