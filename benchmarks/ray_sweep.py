@@ -149,7 +149,7 @@ def report(
     lines = [
         "# A 4-job digits sweep on the CPU: Ray (2 jobs at once) vs the basic launcher",
         "",
-        f"`{command}` on {machine}, shared with other work: 1-minute load average "
+        f"`{command}` on {machine}: 1-minute load average "
         f"{min(loads):.1f}-{max(loads):.1f} after the sweeps. torch {version('torch')}, ray "
         f"{version('ray')}, hydra-ray-launcher {version('hydra-ray-launcher')}. Sweep: "
         f"`train.py {' '.join(SWEEP)} trainer.max_epochs={args.epochs}`, in rounds "
