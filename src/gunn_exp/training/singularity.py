@@ -58,14 +58,13 @@ class SingularityProbe(pl.Callback):
         hessian_vectors: int = 1,
     ) -> None:
         self.every_n_epochs = every_n_epochs
-        self.probe_size = probe_size
-        self.seed = seed
-        self.max_samples = max_samples
-        self.gamma_eps = gamma_eps
-        self.hessian = hessian
-        self.hessian_size = hessian_size
-        self.hessian_steps = hessian_steps
-        self.hessian_vectors = hessian_vectors
+        # The probe set, and the statistics taken on it.
+        self.probe_size, self.seed = probe_size, seed
+        self.max_samples, self.gamma_eps = max_samples, gamma_eps
+        # The optional Hessian spectrum.
+        self.hessian, self.hessian_size = hessian, hessian_size
+        self.hessian_steps, self.hessian_vectors = hessian_steps, hessian_vectors
+        # State: the probe set (chosen once), the epoch last measured and its statistics.
         self._batch: tuple[Tensor, Tensor] | None = None
         self._epoch = -1
         self._metrics: dict[str, float] = {}

@@ -53,18 +53,16 @@ class Throughput(pl.Callback):
         self._mark = time.perf_counter()
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int,
-    ) -> None:  # fmt: skip
+        self, trainer: pl.Trainer, _module: Any, _out: Any, batch: Any, *_: Any
+    ) -> None:
         self._add("train", len(batch[1]))  # one label per image
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark = time.perf_counter()
 
     def on_validation_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+        self, trainer: pl.Trainer, _module: Any, _out: Any, batch: Any, *_: Any
+    ) -> None:
         if not trainer.sanity_checking:
             self._add("val", len(batch[1]))
 
@@ -86,9 +84,8 @@ class Throughput(pl.Callback):
         self._mark = time.perf_counter()
 
     def on_test_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+        self, trainer: pl.Trainer, _module: Any, _out: Any, batch: Any, *_: Any
+    ) -> None:
         self._add("test", len(batch[1]))
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
