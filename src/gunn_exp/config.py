@@ -206,6 +206,34 @@ def _check_batch_split(cfg: DictConfig) -> None:
         )
 
 
+# compile modes that capture CUDA graphs, and the GUNN implementations that break under them.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+CUDA_GRAPH_UNSAFE_IMPLS = ("keep_convs", "recompute")
+
+
+def _check_cuda_graphs(cfg: DictConfig) -> None:
+    """compile with CUDA graphs on the GPU and a whole-layer GUNN implementation: measured to fail
+    at the first backward pass on an H200 (docs/PERFORMANCE.md), so it stops before the run."""
+    mode = OmegaConf.select(cfg, "compile_mode")
+    if not OmegaConf.select(cfg, "compile") or mode not in CUDA_GRAPH_MODES:
+        return
+    if OmegaConf.select(cfg, "model.impl", default=_MISSING) is _MISSING:
+        return  # a model without GUNN layers
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator"))
+    if accelerator not in ("gpu", "cuda") and not (accelerator == "auto" and _has_cuda()):
+        return  # no CUDA graphs off the GPU
+    from gunn_exp.models.layer import DEFAULT_IMPL
+
+    impl = OmegaConf.select(cfg, "model.impl") or DEFAULT_IMPL
+    if impl in CUDA_GRAPH_UNSAFE_IMPLS:
+        raise ConfigError(
+            f"compile_mode={mode} with model.impl={impl} fails on the GPU (its CUDA graphs "
+            f"overwrite a segment output that the layer's backward still reads; docs/"
+            f"PERFORMANCE.md); use model.impl=reference with compile_mode={mode}, or "
+            f"compile_mode=null (regional compile without CUDA graphs) with model.impl={impl}."
+        )
+
+
 # Logger classes whose library is optional: (modules, any of which serves, the pyproject extra).
 LOGGER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "TensorBoardLogger": (("tensorboard", "tensorboardX"), "loggers"),
@@ -244,6 +272,7 @@ def _check_logger_packages(cfg: DictConfig) -> None:
 CROSS_CHECKS: list[Callable[[DictConfig], None]] = [
     _check_num_classes,
     _check_batch_split,
+    _check_cuda_graphs,
     _check_accelerator_present,
     _check_logger_packages,
 ]
