@@ -217,14 +217,15 @@ def _check_cuda_graphs(cfg: DictConfig) -> None:
     mode = OmegaConf.select(cfg, "compile_mode")
     if not OmegaConf.select(cfg, "compile") or mode not in CUDA_GRAPH_MODES:
         return
-    if OmegaConf.select(cfg, "model.impl", default=_MISSING) is _MISSING:
+    impl = OmegaConf.select(cfg, "model.impl", default=_MISSING)
+    if impl is _MISSING:
         return  # a model without GUNN layers
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator"))
     if accelerator not in ("gpu", "cuda") and not (accelerator == "auto" and _has_cuda()):
         return  # no CUDA graphs off the GPU
     from gunn_exp.models.layer import DEFAULT_IMPL
 
-    impl = OmegaConf.select(cfg, "model.impl") or DEFAULT_IMPL
+    impl = impl or DEFAULT_IMPL
     if impl in CUDA_GRAPH_UNSAFE_IMPLS:
         raise ConfigError(
             f"compile_mode={mode} with model.impl={impl} fails on the GPU (its CUDA graphs "
