@@ -30,6 +30,7 @@ from gunn_exp.errors import ConfigError, RunError
 from gunn_exp.inference.run import list_images, load_run, resolve_device
 from gunn_exp.rundir.preprocessing import Preprocessing
 from gunn_exp.training.schedules import register_resolvers
+from gunn_exp.training.train import build_network
 
 register_resolvers()
 
@@ -43,6 +44,11 @@ Make = Callable[[Path], object]
 def config(*overrides: str) -> Make:
     """validate_config on what `train.py <overrides>` would compose."""
     return lambda tmp: validate_config(compose_train(*overrides))
+
+
+def model(*overrides: str) -> Make:
+    """The network `train.py experiment=digits <overrides>` would build."""
+    return lambda tmp: build_network(compose_train("experiment=digits", *overrides))
 
 
 def eval_config(*overrides: str) -> Make:
@@ -235,6 +241,9 @@ CASES = [
     case("check_images_invalid", config("data=imagenet", "data.check_images=some"), r"data\.check_images='some' is invalid: .* or all"),
     case("batch_not_divisible", config("experiment=digits", "trainer=ddp_cpu", "data.batch_size=63"), r"data\.batch_size=63 .*2 processes.*=62"),
     case("num_classes_too_small", config("experiment=digits", "model.num_classes=5"), r"model\.num_classes=5 .*data\.num_classes=10"),
+    case("segments_not_dividing_width", model("model=custom_gunn", "model.segments=[7,25,30]"), r"^model=gunn: .*stage 1: width 240 is not divisible by segments 7; .*\(nearest: 4, 5, 6, 8\)"),
+    case("segments_zero", model("model=custom_gunn", "model.segments=[20,0,30]"), r"stage 2: width 300 is not divisible by segments 0; .*nearest: 1, 2, 3, 4"),
+    case("model_unknown_option", model("+model.depth=3"), r"^model=gunn_mini: .*unknown option\(s\) \['depth'\]; accepted: \[.*'segments'"),
     case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),
     case("wandb_log_model", config("experiment=digits", "logger=wandb", "logger.wandb.log_model=best"), r"logger\.wandb\.log_model=.best. is invalid: expected true .*all.*false"),
     case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
@@ -303,6 +312,7 @@ ENTRY_CASES = [
     ("train_ddp_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false", "trainer=ddp_cpu"), "error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
     ("train_limit_train_batches_0", "train.py", entry_train("experiment=digits", "trainer.limit_train_batches=0"), "error:", r"limit_train_batches=0 "),
     ("train_bad_jpeg_in_loader", "train.py", lambda tmp: [*entry_train("data=imagenet", "model=gunn_mini", "data.num_classes=2", "data.image_size=16", "data.batch_size=6", "data.check_images=0", "data.num_workers=1")(tmp), f"data.data_dir={imagenet_tree(tmp)}"], "error:", r"error: \S*n01/1\.JPEG cannot be decoded.*Fix"),
+    ("train_segments_not_dividing_width", "train.py", entry_train("experiment=digits", "model=custom_gunn", "model.segments=[2,3,5]", "model.widths=[32,48,64]"), "error:", r"^error: model=gunn: .*stage 3: width 64 is not divisible by segments 5; .*nearest: 1, 2, 4, 8\)"),
     ("eval_corrupt_run_config", "eval.py", entry_eval_corrupt_config, "error:", r"config\.yaml is not valid YAML"),
     ("classify_empty_folder", "classify.py", entry_empty_folder(), "error:", r"photos: the folder holds no image files"),
     ("features_empty_folder", "features.py", entry_empty_folder("-o", "f.npy"), "error:", r"photos: the folder holds no image files"),

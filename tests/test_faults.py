@@ -136,6 +136,29 @@ def test_corrupt_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     assert not (run_dir / "config.yaml").exists()  # refused before writing anything
 
 
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "the file is empty"),
+        (b"\xf0" * 1000, "the safe unpickler stopped at: Unsupported operand 240"),
+        (b"PK\x03\x04 not a zip", "RuntimeError: PytorchStreamReader failed reading zip archive"),
+    ],
+    ids=["empty", "random_bytes", "broken_zip"],
+)
+def test_corrupt_bytes_are_called_corrupt_not_unsafe(
+    content: bytes, why: str, tmp_path: Path
+) -> None:
+    """Bytes that are no pickle at all are a damaged file, not a checkpoint that asks to run code
+    (the safe unpickler refuses both), and the line quotes torch's reason, not its advice."""
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and "asks to run" not in message, message
+    assert f"{path} is corrupt or not a PyTorch file ({why}" in message, message
+
+
 def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(10_000)}}, path)

@@ -87,3 +87,9 @@ def exit_code(err: BaseException) -> int | None:
 def one_line(err: BaseException) -> str:
     """The line printed for an error `exit_code` knows."""
     return f"{'stopped' if isinstance(err, RunStopped) else 'error'}: {err}"
+
+
+def first_line(err: BaseException) -> str:
+    """A library's exception in one line (its first), for a message of ours that quotes it."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)

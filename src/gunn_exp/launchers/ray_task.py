@@ -19,7 +19,7 @@ from hydra.types import TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gunn_exp import cli
-from gunn_exp.errors import exit_code, one_line
+from gunn_exp.errors import exit_code, first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,3 @@ def exit_line(stop: SystemExit) -> str:
     if cause is not None and exit_code(cause) == stop.code:
         return one_line(cause)
     return f"exited with status {stop.code}"
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else repr(err)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gunn_exp.models.layer import GunnLayer, GunnUnit
+from gunn_exp.models.layer import GunnLayer, GunnUnit, divisors_near
 
 STEMS = ("cifar", "imagenet")
 POOLS = ("before", "after")
@@ -378,7 +378,10 @@ def _check_architecture(
         )
     for s, (w, k, n) in enumerate(zip(widths, segments, layers, strict=True), start=1):
         if k < 1 or w % k:
-            raise ValueError(f"Gunn: stage {s}: width {w} is not divisible by segments {k}.")
+            raise ValueError(
+                f"Gunn: stage {s}: width {w} is not divisible by segments {k}; choose segments "
+                f"among the divisors of {w} (nearest: {divisors_near(w, k)}) or another width."
+            )
         if n < 1:
             raise ValueError(f"Gunn: stage {s}: layers_per_stage must be >= 1, got {n}.")
     if stem not in STEMS:

@@ -143,7 +143,7 @@ class GunnLayer(nn.Module):
             raise ValueError(
                 f"GunnLayer: channels={channels} is not divisible by segments={segments}; "
                 f"choose segments among the divisors of {channels} "
-                f"(e.g. {_divisors_hint(channels)})."
+                f"(nearest: {divisors_near(channels, segments)})."
             )
         if update not in UPDATES:
             raise ValueError(f"GunnLayer: update={update!r} is not one of {UPDATES}.")
@@ -179,6 +179,8 @@ class GunnLayer(nn.Module):
         )
 
 
-def _divisors_hint(n: int) -> str:
-    divs = [d for d in range(1, n + 1) if n % d == 0]
-    return ", ".join(map(str, divs[:8])) + (", ..." if len(divs) > 8 else "")
+def divisors_near(n: int, k: int, count: int = 4) -> str:
+    """The `count` divisors of `n` closest to `k`, ascending: the segment counts a user who asked
+    for `k` segments of `n` channels most likely meant."""
+    divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+    return ", ".join(map(str, sorted(divisors[:count])))

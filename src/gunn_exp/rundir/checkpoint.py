@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gunn_exp.errors import CheckpointError
+from gunn_exp.errors import CheckpointError, first_line
 
 DESCRIPTION_KEY = "gunn_exp"
 FIT_METRICS_KEY = "gunn_exp_fit_metrics"  # {name: value} logged last in fit (training.checkpoints)
@@ -85,26 +85,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
+    if path.stat().st_size == 0:  # torch says only "EOFError"
+        raise corrupt(path, "the file is empty")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f"`{wanted.group(1)}`" if wanted else "objects beyond tensors and plain data"
-        raise CheckpointError(
-            f"checkpoint {path} was not loaded: it asks to run {what} when unpickled, and only "
-            f"tensors and plain data are loaded (a checkpoint of train.py needs nothing more). "
-            f"Do not use it unless you know who made it and why."
-        ) from err
+        if wanted:  # a pickle that names a callable: what an attack (or a foreign object) needs
+            raise CheckpointError(
+                f"checkpoint {path} was not loaded: it asks to run `{wanted.group(1)}` when "
+                f"unpickled, and only tensors and plain data are loaded (a checkpoint of "
+                f"train.py needs nothing more). Do not use it unless you know who made it and why."
+            ) from err
+        raise corrupt(path, unpickler_reason(err)) from err  # e.g. random bytes: "operand 240"
     except Exception as err:  # zip/pickle errors of every kind mean the same thing here
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch file ({type(err).__name__}: {err}); "
-            f"use another checkpoint of the run (e.g. checkpoints/best.ckpt or last.ckpt)."
-        ) from err
+        reason = first_line(err).split(". ")[0]  # torch's advice follows its first sentence
+        raise corrupt(path, f"{type(err).__name__}: {reason}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} has no 'state_dict': it was not written by gunn-exp/Lightning."
         )
     return ckpt
+
+
+def corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is corrupt or not a PyTorch file ({why}); use another checkpoint of "
+        f"the run (e.g. checkpoints/best.ckpt or last.ckpt)."
+    )
+
+
+def unpickler_reason(err: pickle.UnpicklingError) -> str:
+    """torch's safe unpickler's own reason (its message wraps it in paragraphs of advice)."""
+    reason = re.search(r"WeightsUnpickler error: \s*(.+)", str(err))
+    return f"the safe unpickler stopped at: {reason[1].strip() if reason else first_line(err)}"
 
 
 def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:

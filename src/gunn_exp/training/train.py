@@ -178,11 +178,17 @@ def build_network(cfg: DictConfig) -> nn.Module:
     try:
         model: nn.Module = instantiate(cfg.model)
     except InstantiationException as err:
-        if not isinstance(err.__cause__, ConfigError):
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):  # a refused option (e.g. gunnify's): its own line
+            refused = cause
+        elif isinstance(cause, ValueError | TypeError):  # the model refused its arguments
+            refused = ConfigError(
+                f"model={cfg.model.name}: {cause} Fix the model.* values (docs/MODELS.md)."
+            )
+        else:
             raise
-        refused = err.__cause__
-    if refused is not None:  # a refused option (e.g. gunnify's): its one line, raised out here
-        raise refused  # so that its context does not loop back to Hydra's wrapper
+    if refused is not None:  # raised out here so that its context does not loop back to
+        raise refused  # Hydra's wrapper
     if cfg.init_from:  # fine-tuning: all but a classifier of another shape (rundir.weights)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     log.info(f"model {cfg.model.name}: {count_params(model):,} parameters")
