@@ -42,8 +42,18 @@ class Entry:
     function: str
 
 
+# The bottom layer's helpers (errors: the wording of refusals, and Hydra's instantiate with its
+# refusals in one line) serve every layer as Hydra itself does; the tracer sees through them as
+# it sees through Hydra, so that a node handed to Hydra by way of them is no visit.
+PASS_THROUGH = ("gunn_exp.errors",)
+
+
 def _module(frame: FrameType | None) -> str:
     return frame.f_globals.get("__name__", "") if frame is not None else ""
+
+
+def _ours(module: str) -> bool:
+    return module.startswith("gunn_exp") and module not in PASS_THROUGH
 
 
 def config_route(work: Any) -> list[Entry]:
@@ -53,14 +63,14 @@ def config_route(work: Any) -> list[Entry]:
 
     def profile(frame: FrameType, event: str, arg: Any) -> None:
         module = _module(frame)
-        if event != "call" or not module.startswith("gunn_exp"):
+        if event != "call" or not _ours(module):
             return
         code = frame.f_code
         names = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
         if not any(isinstance(frame.f_locals.get(n), DictConfig | ListConfig) for n in names):
             return
         caller = frame.f_back  # the nearest gunn_exp frame: Hydra, Lightning in between
-        while caller is not None and not _module(caller).startswith("gunn_exp"):
+        while caller is not None and not _ours(_module(caller)):
             caller = caller.f_back
         if caller is not None and _module(caller) != module:
             entries.append(Entry(_module(caller), module, code.co_name))

@@ -29,8 +29,9 @@ from gunn_exp.data import CIFARDataModule, DataError, DigitsDataModule, ImageNet
 from gunn_exp.errors import ConfigError, RunError
 from gunn_exp.inference.run import list_images, load_run, resolve_device
 from gunn_exp.rundir.preprocessing import Preprocessing
+from gunn_exp.training.checkpoints import ResumeAsInPlace
 from gunn_exp.training.schedules import register_resolvers
-from gunn_exp.training.train import build_network
+from gunn_exp.training.train import build_module, build_network, build_trainer
 
 register_resolvers()
 
@@ -49,6 +50,26 @@ def config(*overrides: str) -> Make:
 def model(*overrides: str) -> Make:
     """The network `train.py experiment=digits <overrides>` would build."""
     return lambda tmp: build_network(compose_train("experiment=digits", *overrides))
+
+
+def module(*overrides: str) -> Make:
+    """The LightningModule `train.py experiment=digits <overrides>` would build."""
+
+    def make(tmp: Path) -> object:
+        cfg = compose_train("experiment=digits", *overrides)
+        return build_module(cfg, build_network(cfg))
+
+    return make
+
+
+def trainer(*overrides: str) -> Make:
+    """The Trainer `train.py experiment=digits <overrides>` would build."""
+
+    def make(tmp: Path) -> object:
+        cfg = compose_train("experiment=digits", f"paths.output_dir={tmp}", *overrides)
+        return build_trainer(cfg, tmp, False, ResumeAsInPlace())
+
+    return make
 
 
 def eval_config(*overrides: str) -> Make:
@@ -241,9 +262,16 @@ CASES = [
     case("check_images_invalid", config("data=imagenet", "data.check_images=some"), r"data\.check_images='some' is invalid: .* or all"),
     case("batch_not_divisible", config("experiment=digits", "trainer=ddp_cpu", "data.batch_size=63"), r"data\.batch_size=63 .*2 processes.*=62"),
     case("num_classes_too_small", config("experiment=digits", "model.num_classes=5"), r"model\.num_classes=5 .*data\.num_classes=10"),
-    case("segments_not_dividing_width", model("model=custom_gunn", "model.segments=[7,25,30]"), r"^model=gunn: .*stage 1: width 240 is not divisible by segments 7; .*\(nearest: 4, 5, 6, 8\)"),
+    case("segments_not_dividing_width", model("model=custom_gunn", "model.segments=[7,25,30]"), r"^model: .*stage 1: width 240 is not divisible by segments 7; .*\(nearest: 4, 5, 6, 8\)"),
     case("segments_zero", model("model=custom_gunn", "model.segments=[20,0,30]"), r"stage 2: width 300 is not divisible by segments 0; .*nearest: 1, 2, 3, 4"),
-    case("model_unknown_option", model("+model.depth=3"), r"^model=gunn_mini: .*unknown option\(s\) \['depth'\]; accepted: \[.*'segments'"),
+    case("gunnify_nothing_to_convert", model("model=resnet_mini", "model.gunnify.segments=3"), r"^gunnify: no residual block of ResNetCifar could be converted"),
+    case("model_unknown_option", model("+model.depth=3"), r"^model: .*unknown option\(s\) \['depth'\]; accepted: \[.*'segments'"),
+    case("optimizer_refuses_nesterov", module("optimizer.momentum=0"), r"^optimizer: Nesterov momentum requires a momentum.*Fix the optimizer\.\* values"),
+    case("optimizer_unknown_option", module("+optimizer.betas=[0.9,0.99]"), r"^optimizer: SGD.__init__\(\) got an unexpected keyword argument 'betas'"),
+    case("scheduler_gamma_not_a_number", config("experiment=digits", "scheduler=multistep", "scheduler.gamma=abc"), r"scheduler\.gamma='abc' is invalid: expected a positive number"),
+    case("imagenet_step_period_0", config("experiment=digits", "scheduler=imagenet_step", "scheduler.lr_lambda.period=0"), r"scheduler\.lr_lambda\.period=0 is invalid"),
+    case("trainer_precision", trainer("+trainer.precision=13"), r"^trainer: Precision 13 is invalid.*'bf16-mixed'.*Fix the trainer\.\* values"),
+    case("trainer_strategy", trainer("+trainer.strategy=foo"), r"^trainer: You selected an invalid strategy name: `strategy='foo'`"),
     case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),
     case("wandb_log_model", config("experiment=digits", "logger=wandb", "logger.wandb.log_model=best"), r"logger\.wandb\.log_model=.best. is invalid: expected true .*all.*false"),
     case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
@@ -272,6 +300,12 @@ def test_bad_input_is_refused_in_one_line(make: Make, pattern: str, tmp_path: Pa
     message = str(caught.value)
     assert "\n" not in message, message
     assert re.search(pattern, message), message
+    chain: list[BaseException] = []  # what errors.exit_code and rundir.out_of_space walk
+    err: BaseException | None = caught.value
+    while err is not None and len(chain) < 20:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    assert err is None, f"the error's cause/context chain loops: {chain[:4]}"
 
 
 # --- the real entry points: each route from a bad input to exit 2 + one line, once ---
@@ -312,7 +346,8 @@ ENTRY_CASES = [
     ("train_ddp_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false", "trainer=ddp_cpu"), "error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
     ("train_limit_train_batches_0", "train.py", entry_train("experiment=digits", "trainer.limit_train_batches=0"), "error:", r"limit_train_batches=0 "),
     ("train_bad_jpeg_in_loader", "train.py", lambda tmp: [*entry_train("data=imagenet", "model=gunn_mini", "data.num_classes=2", "data.image_size=16", "data.batch_size=6", "data.check_images=0", "data.num_workers=1")(tmp), f"data.data_dir={imagenet_tree(tmp)}"], "error:", r"error: \S*n01/1\.JPEG cannot be decoded.*Fix"),
-    ("train_segments_not_dividing_width", "train.py", entry_train("experiment=digits", "model=custom_gunn", "model.segments=[2,3,5]", "model.widths=[32,48,64]"), "error:", r"^error: model=gunn: .*stage 3: width 64 is not divisible by segments 5; .*nearest: 1, 2, 4, 8\)"),
+    ("train_segments_not_dividing_width", "train.py", entry_train("experiment=digits", "model=custom_gunn", "model.segments=[2,3,5]", "model.widths=[32,48,64]"), "error:", r"^error: model: .*stage 3: width 64 is not divisible by segments 5; .*nearest: 1, 2, 4, 8\)"),
+    ("train_data_refuses_fractions", "train.py", entry_train("experiment=digits", "data.val_fraction=2"), "error:", r"^error: data\.val_fraction=2 and data\.test_fraction=0\.2 must be in \(0, 1\).*Fix the data\.\* values"),
     ("eval_corrupt_run_config", "eval.py", entry_eval_corrupt_config, "error:", r"config\.yaml is not valid YAML"),
     ("classify_empty_folder", "classify.py", entry_empty_folder(), "error:", r"photos: the folder holds no image files"),
     ("features_empty_folder", "features.py", entry_empty_folder("-o", "f.npy"), "error:", r"photos: the folder holds no image files"),

@@ -108,6 +108,9 @@ CHECKS: dict[str, Check] = {
         "a number of batches >= 1 or a fraction in (0, 1] (0 would train nothing)",
     ),
     "scheduler.T_max": (_positive_int, "a positive number of epochs (the cosine period)"),
+    "scheduler.gamma": (_positive_number, "a positive number (the lr factor at each milestone)"),
+    "scheduler.lr_lambda.gamma": (_positive_number, "a positive number (the lr factor per step)"),
+    "scheduler.lr_lambda.period": (_positive_int, "a positive number of epochs per step"),
     **{
         f"callbacks.singularity.{key}": (_positive_int, "a positive integer")
         for key in (

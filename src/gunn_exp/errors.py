@@ -8,6 +8,10 @@ and `stopped: <message>`. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
@@ -93,3 +97,53 @@ def first_line(err: BaseException) -> str:
     """A library's exception in one line (its first), for a message of ours that quotes it."""
     text = str(err).strip()
     return text.splitlines()[0] if text else repr(err)
+
+
+# What a constructor raises when it refuses the arguments a config gave it (a bad value or type,
+# a package the option needs); Lightning's own refusals are MisconfigurationException.
+_REFUSALS = (ValueError, TypeError, ImportError)
+
+
+def refusal(err: BaseException | None, key: str) -> ConfigError | None:
+    """The one line for a constructor's refusal of config group `key`'s arguments (model, data,
+    trainer, optimizer, ...), naming the group and quoting the constructor; None when `err` is
+    no refusal (a bug: it keeps its traceback)."""
+    if isinstance(err, ConfigError):  # already one line naming the key and the fix
+        return err
+    if not isinstance(err, _REFUSALS) and type(err).__name__ != "MisconfigurationException":
+        return None
+    text = first_line(err).rstrip(".")
+    where = "" if text.startswith(f"{key}.") else f"{key}: "
+    refused = ConfigError(f"{where}{text}. Fix the {key}.* values.")
+    refused.__cause__ = err
+    return refused
+
+
+@contextmanager
+def refusing(key: str) -> Iterator[None]:
+    """Inside, a constructor's refusal of config group `key`'s arguments is one `refusal` line
+    instead of a traceback."""
+    try:
+        yield
+    except Exception as err:
+        refused = refusal(err, key)
+        if refused is None or refused is err:
+            raise
+        raise refused from err
+
+
+def instantiate_config(node: Any, key: str, **kwargs: Any) -> Any:
+    """Hydra's `instantiate(node, **kwargs)` for config group `key`; a refusal of its arguments
+    is one `refusal` line instead of Hydra's multi-line wrapper."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        refused = refusal(err.__cause__, key)
+        if refused is None:
+            raise
+    # Raised out here: the wrapper's cause may be `refused` itself, and raising it inside the
+    # except would make each the other's context, a cycle that whoever walks the chain loops on.
+    raise refused

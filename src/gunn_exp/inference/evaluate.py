@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from gunn_exp import rundir
 from gunn_exp.config import validate_config, without_hydra
 from gunn_exp.data import ImageDataModule
-from gunn_exp.errors import ConfigError
+from gunn_exp.errors import ConfigError, instantiate_config
 from gunn_exp.inference.run import CKPT_NAMES, load_run
 from gunn_exp.rundir.build import build_datamodule
 from gunn_exp.rundir.confusion import confusion_figure
@@ -57,8 +56,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = ClassificationModule(run.model, ten_crop_reduce=cfg.ten_crop_reduce)
     # Evaluation writes no logs or checkpoints; limit_batches, when set, wins over the trainer's.
     limit = {"limit_test_batches": cfg.limit_batches} if cfg.limit_batches else {}
-    trainer: pl.Trainer = instantiate(
+    trainer: pl.Trainer = instantiate_config(
         cfg.trainer,
+        "trainer",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from gunn_exp.errors import RunError
+from gunn_exp.errors import RunError, instantiate_config
 
 MODEL_TARGET = "gunn_exp.models.create_model"
 
@@ -54,8 +54,6 @@ def build_model(name: str, args: Mapping[str, Any]) -> nn.Module:
 
 def build_datamodule(data_cfg: Mapping[str, Any], source: str) -> Any:
     """The data module a resolved `data` config from `source` describes (checked, then built)."""
-    from hydra.utils import instantiate
-
     target = data_cfg.get("_target_")
     if target not in data_targets():
         raise RunError(
@@ -63,7 +61,7 @@ def build_datamodule(data_cfg: Mapping[str, Any], source: str) -> Any:
             f"({', '.join(data_targets())}); a stored config cannot name code to run."
         )
     _refuse_targets({k: v for k, v in data_cfg.items() if k != "_target_"}, source, "data")
-    return instantiate(dict(data_cfg))
+    return instantiate_config(dict(data_cfg), "data")
 
 
 def _refuse_targets(node: Any, source: str, where: str) -> None:

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
@@ -22,7 +20,7 @@ from torch import nn
 from gunn_exp import rundir
 from gunn_exp.config import without_hydra
 from gunn_exp.data import ImageDataModule
-from gunn_exp.errors import ConfigError
+from gunn_exp.errors import instantiate_config, refusing
 from gunn_exp.rundir.checkpoint import load_checkpoint
 from gunn_exp.rundir.configs import save_config
 from gunn_exp.rundir.weights import init_from_checkpoint, load_weights
@@ -77,7 +75,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     resuming = ckpt_path is not None and bool(cfg.train)
 
-    datamodule: ImageDataModule = instantiate(cfg.data)
+    datamodule: ImageDataModule = instantiate_config(cfg.data, "data")
     datamodule.check()  # bad data stops here, before the Trainer launches any process
     model = build_network(cfg)
     # Before the module is built and anything is written: a refused resume changes nothing.
@@ -174,21 +172,7 @@ def _gunnify(cfg: DictConfig) -> dict[str, Any] | None:
 
 def build_network(cfg: DictConfig) -> nn.Module:
     """The network of `cfg.model`; with `init_from`, started from another run's weights."""
-    refused = None
-    try:
-        model: nn.Module = instantiate(cfg.model)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, ConfigError):  # a refused option (e.g. gunnify's): its own line
-            refused = cause
-        elif isinstance(cause, ValueError | TypeError):  # the model refused its arguments
-            refused = ConfigError(
-                f"model={cfg.model.name}: {cause} Fix the model.* values (docs/MODELS.md)."
-            )
-        else:
-            raise
-    if refused is not None:  # raised out here so that its context does not loop back to
-        raise refused  # Hydra's wrapper
+    model: nn.Module = instantiate_config(cfg.model, "model")
     if cfg.init_from:  # fine-tuning: all but a classifier of another shape (rundir.weights)
         init_from_checkpoint(model, cfg.init_from, cfg.model.name)
     log.info(f"model {cfg.model.name}: {count_params(model):,} parameters")
@@ -197,10 +181,20 @@ def build_network(cfg: DictConfig) -> nn.Module:
 
 def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
     """The LightningModule: the network with the recipe's optimizer and schedule."""
+    optimizer = instantiate_config(cfg.optimizer, "optimizer")
+    scheduler = instantiate_config(cfg.scheduler, "scheduler") if cfg.scheduler else None
+    # Built once here on the network's parameters (SGD and its schedules keep no state until a
+    # step), so that an argument they refuse stops the run before anything is written, not
+    # inside trainer.fit. Lightning builds the ones it trains with in configure_optimizers.
+    with refusing("optimizer"):
+        trial = optimizer(params=model.parameters())
+    if scheduler is not None:
+        with refusing("scheduler"):
+            scheduler(optimizer=trial)
     return ClassificationModule(
         model=model,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
         channels_last=cfg.channels_last,
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
@@ -214,13 +208,19 @@ def build_trainer(
     """The Trainer with the config's callbacks and loggers, plus what every run has: checkpoints
     that describe the run, written atomically, read safely and resumed as in place."""
     callbacks = [
-        instantiate(conf) for conf in (cfg.callbacks or {}).values() if conf and "_target_" in conf
+        instantiate_config(conf, f"callbacks.{name}")
+        for name, conf in (cfg.callbacks or {}).items()
+        if conf and "_target_" in conf
     ]
     callbacks += [DescribeCheckpoints(cfg, output_dir), resume_as_in_place]
     if resumed_schedule:
         callbacks.append(ResumedSchedule())
     loggers = build_loggers(cfg, output_dir)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    trainer: pl.Trainer = instantiate_config(
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
     )
     return trainer, loggers
