@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from gunn_exp import cli, rundir
+from gunn_exp.errors import ConfigError
 from gunn_exp.inference.export import FORMATS, example_input, export_run, max_differences
 from gunn_exp.inference.run import load_run
 
@@ -25,6 +26,8 @@ def main() -> int:
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=["torchscript", "onnx"])
     parser.add_argument("--atol", type=float, default=1e-4, help="accepted logit difference")
     args = parser.parse_args()
+    if not args.atol >= 0:  # also NaN
+        raise ConfigError(f"--atol {args.atol}: a logit difference >= 0 (e.g. 1e-4).")
     cli.prepare(__file__, log_info=True)
     run = load_run(args.run, args.ckpt, "cpu")
     # Before any export work: a folder that cannot be written stops here, in one line.

@@ -75,7 +75,9 @@ def trainer(*overrides: str) -> Make:
 def eval_config(*overrides: str) -> Make:
     def make(tmp: Path) -> None:
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            validate_config(compose("eval", overrides=["run_dir=unused", *overrides]))
+            # paths.output_dir set: its default reads the HydraConfig that only eval.py sets.
+            args = ["run_dir=unused", f"paths.output_dir={tmp}", *overrides]
+            validate_config(compose("eval", overrides=args))
 
     return make
 
@@ -208,13 +210,14 @@ def undescribed_checkpoint(path: Path) -> None:
     torch.save({"state_dict": {}}, path)
 
 
-def run_dir_with_config(text: str) -> Make:
-    """load_run on a run directory whose config.yaml holds `text` (its checkpoint needs it)."""
+def run_dir_with_config(text: str, ckpt: str = "best") -> Make:
+    """load_run(ckpt=`ckpt`) on a run directory whose config.yaml holds `text` (its checkpoint
+    needs it)."""
 
     def make(tmp: Path) -> None:
         undescribed_checkpoint(tmp / "checkpoints" / "best.ckpt")
         (tmp / "config.yaml").write_text(text)
-        load_run(tmp)
+        load_run(tmp, ckpt)
 
     return make
 
@@ -272,6 +275,13 @@ CASES = [
     case("imagenet_step_period_0", config("experiment=digits", "scheduler=imagenet_step", "scheduler.lr_lambda.period=0"), r"scheduler\.lr_lambda\.period=0 is invalid"),
     case("trainer_precision", trainer("+trainer.precision=13"), r"^trainer: Precision 13 is invalid.*'bf16-mixed'.*Fix the trainer\.\* values"),
     case("trainer_strategy", trainer("+trainer.strategy=foo"), r"^trainer: You selected an invalid strategy name: `strategy='foo'`"),
+    case("accumulate_grad_batches_0", config("experiment=digits", "+trainer.accumulate_grad_batches=0"), r"trainer\.accumulate_grad_batches=0 is invalid: expected a positive"),
+    case("val_check_interval_0", config("experiment=digits", "+trainer.val_check_interval=0"), r"trainer\.val_check_interval=0 is invalid.*\(0, 1\]"),
+    case("check_val_every_n_epoch_0", config("experiment=digits", "trainer.check_val_every_n_epoch=0"), r"check_val_every_n_epoch=0 is invalid.*or null"),
+    case("gradient_clip_negative", config("experiment=digits", "+trainer.gradient_clip_val=-1"), r"gradient_clip_val=-1 is invalid: expected a number >= 0"),
+    case("early_stopping_patience_negative", config("experiment=digits", "callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=-1"), r"early_stopping\.patience=-1 is invalid"),
+    case("checkpoint_monitors_accuracy", config("experiment=digits", "callbacks.model_checkpoint.monitor=val/acc"), r"callbacks\.model_checkpoint\.monitor='val/acc' is never logged.*'val/err1'"),
+    case("early_stopping_monitors_typo", config("experiment=digits", "callbacks=[default,early_stopping]", "callbacks.early_stopping.monitor=val_loss"), r"early_stopping\.monitor='val_loss' is never logged.*'val/loss'"),
     case("cosine_T_max_0", config("experiment=digits", "scheduler.T_max=0"), r"scheduler\.T_max=0 .*positive"),
     case("wandb_log_model", config("experiment=digits", "logger=wandb", "logger.wandb.log_model=best"), r"logger\.wandb\.log_model=.best. is invalid: expected true .*all.*false"),
     case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
@@ -286,6 +296,8 @@ CASES = [
     case("logger_aim_missing", config("experiment=digits", "logger=aim"), r"logger=aim needs the aim package, .*pip install -e '\.\[aim\]'", needs_missing="aim"),
     case("logger_neptune_retired", config("experiment=digits", "logger=neptune"), r"logger=neptune .*Neptune has shut down.*use logger=wandb"),
     case("classify_device_cuda", lambda tmp: resolve_device("cuda"), r"'cuda': .*no CUDA GPU; use cpu", no_gpu=True),
+    case("eval_limit_batches_negative", eval_config("limit_batches=-1"), r"^limit_batches=-1 is invalid: expected null, a number of batches"),
+    case("eval_ckpt_neither_name_nor_file", run_dir_with_config("model: {name: gunn_mini}\n", ckpt="middle"), r"^ckpt=middle: neither best, last nor a checkpoint file.*ckpt=<path to a \.ckpt>"),
     case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),
     case("run_config_not_a_run", run_dir_with_config("- a\n- list\n"), r"config\.yaml has no model\.name.*Fix"),
     case("empty_image_folder", empty_image_folder, r"photos: the folder holds no image files"),
@@ -349,6 +361,7 @@ ENTRY_CASES = [
     ("train_segments_not_dividing_width", "train.py", entry_train("experiment=digits", "model=custom_gunn", "model.segments=[2,3,5]", "model.widths=[32,48,64]"), "error:", r"^error: model: .*stage 3: width 64 is not divisible by segments 5; .*nearest: 1, 2, 4, 8\)"),
     ("train_data_refuses_fractions", "train.py", entry_train("experiment=digits", "data.val_fraction=2"), "error:", r"^error: data\.val_fraction=2 and data\.test_fraction=0\.2 must be in \(0, 1\).*Fix the data\.\* values"),
     ("eval_corrupt_run_config", "eval.py", entry_eval_corrupt_config, "error:", r"config\.yaml is not valid YAML"),
+    ("export_negative_atol", "export.py", lambda tmp: ["no_run", "--atol", "-1"], "error:", r"^error: --atol -1\.0: a logit difference >= 0"),
     ("classify_empty_folder", "classify.py", entry_empty_folder(), "error:", r"photos: the folder holds no image files"),
     ("features_empty_folder", "features.py", entry_empty_folder("-o", "f.npy"), "error:", r"photos: the folder holds no image files"),
 ]

@@ -43,5 +43,14 @@ def test_missing_value_is_named() -> None:
         validate_config(cfg)
 
 
+@pytest.mark.parametrize(
+    "monitor", ["val/err1", "train/loss_step", "step", "perf/train_images_per_s", "mine/score"]
+)
+def test_monitors_that_may_be_logged_pass(monitor: str) -> None:
+    """Only names in our own families (train/, val/, test/) or without one must be known now;
+    a callback's own family (Throughput's perf/, a user's) is logged under names found later."""
+    validate_config(compose_train(f"callbacks.model_checkpoint.monitor={monitor}"))
+
+
 def test_paper_milestones() -> None:
     assert epoch_milestones(300, [0.5, 0.75]) == [149, 224]

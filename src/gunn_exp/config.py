@@ -64,6 +64,12 @@ METRICS = [
     "val/err1_best",
 ]
 
+# Also logged during fit, per step or per epoch; a callback may monitor these too.
+STEP_METRICS = ["train/loss_step", "lr", "lr_step"]
+# Families of metrics that callbacks log under their own prefix (Throughput, the singularity
+# probe, a user's own): their names are not known before the run, so a monitor on them passes.
+_OWN_STAGES = ("train/", "val/", "test/")
+
 Check = tuple[Callable[[Any], bool], Callable[[], str] | str]
 
 # key -> (predicate, what a valid value looks like). Keys absent from a config are skipped.
@@ -78,6 +84,7 @@ CHECKS: dict[str, Check] = {
         _one_of(lambda: METRICS),
         f"a logged metric to minimise, one of {METRICS}",
     ),
+    "limit_batches": (_batch_limit, "null, a number of batches >= 1 or a fraction in (0, 1]"),
     "ten_crop_reduce": (_one_of(lambda: CROP_REDUCTIONS), f"one of {CROP_REDUCTIONS}"),
     "model.update": (_one_of(lambda: ["gradual", "simultaneous"]), "gradual or simultaneous"),
     "model.gunnify.segments": (
@@ -103,6 +110,21 @@ CHECKS: dict[str, Check] = {
         "an integer >= 0 (images decoded per split before training) or all",
     ),
     "trainer.max_epochs": (_positive_int, "a positive integer"),
+    # Lightning divides by these (0 is a ZeroDivisionError at the first step) or takes a
+    # negative clip norm without a word.
+    "trainer.accumulate_grad_batches": (_positive_int, "a positive number of batches"),
+    "trainer.check_val_every_n_epoch": (
+        lambda v: v is None or _positive_int(v),
+        "a positive number of epochs, or null (validate by val_check_interval alone)",
+    ),
+    "trainer.val_check_interval": (
+        lambda v: _batch_limit(v) and v != 0,
+        "a number of batches >= 1 or a fraction of the epoch in (0, 1]",
+    ),
+    "trainer.gradient_clip_val": (
+        lambda v: v is None or _non_negative_number(v),
+        "a number >= 0, or null (no clipping)",
+    ),
     "trainer.limit_train_batches": (
         _batch_limit,
         "a number of batches >= 1 or a fraction in (0, 1] (0 would train nothing)",
@@ -123,6 +145,7 @@ CHECKS: dict[str, Check] = {
         )
     },
     "callbacks.singularity.gamma_eps": (_non_negative_number, "a number >= 0"),
+    "callbacks.early_stopping.patience": (_non_negative_int, "an integer >= 0 (epochs)"),
     "optimizer.lr": (_positive_number, "a positive number"),
     "optimizer.weight_decay": (_non_negative_number, "a number >= 0"),
     "optimizer.momentum": (_non_negative_number, "a number >= 0"),
@@ -272,6 +295,21 @@ def _check_logger_packages(cfg: DictConfig) -> None:
             )
 
 
+def _check_monitors(cfg: DictConfig) -> None:
+    """A callback monitoring a metric that is never logged (`val/acc`, a typo) fails only after
+    the first epoch, when Lightning looks for it; names in our own families are known now."""
+    known = METRICS + STEP_METRICS + ["epoch", "step"]  # ModelCheckpoint's "keep the latest k"
+    for name, conf in (OmegaConf.select(cfg, "callbacks") or {}).items():
+        monitor = conf.get("monitor") if isinstance(conf, DictConfig) else None
+        if monitor is None or monitor in known:
+            continue
+        if str(monitor).startswith(_OWN_STAGES) or "/" not in str(monitor):
+            raise ConfigError(
+                f"callbacks.{name}.monitor={monitor!r} is never logged during fit (errors are "
+                f"logged, not accuracies); use one of {known}."
+            )
+
+
 # Checks that relate several keys, run after the per-key CHECKS (so each value is well-typed).
 CROSS_CHECKS: list[Callable[[DictConfig], None]] = [
     _check_num_classes,
@@ -279,6 +317,7 @@ CROSS_CHECKS: list[Callable[[DictConfig], None]] = [
     _check_cuda_graphs,
     _check_accelerator_present,
     _check_logger_packages,
+    _check_monitors,
 ]
 
 

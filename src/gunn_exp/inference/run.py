@@ -98,7 +98,13 @@ def find_checkpoint(path: str | Path, ckpt: str = "best") -> tuple[Path, Path | 
             f"(logs/<task>/runs/<time>_<model>_<data>) or a checkpoint file."
         )
     if ckpt not in CKPT_NAMES:
-        return Path(ckpt), path
+        for checkpoint in (Path(ckpt), path / ckpt):  # as given, or inside the run directory
+            if checkpoint.is_file():
+                return checkpoint, path
+        raise RunError(
+            f"ckpt={ckpt}: neither best, last nor a checkpoint file (looked in the current "
+            f"folder and in {path}); use ckpt=best, ckpt=last or ckpt=<path to a .ckpt>."
+        )
     checkpoint = rundir.checkpoint_path(path, ckpt)
     if not checkpoint.is_file():
         other = CKPT_NAMES[1 - CKPT_NAMES.index(ckpt)]
