@@ -269,6 +269,7 @@ CASES = [
     case("segments_zero", model("model=custom_gunn", "model.segments=[20,0,30]"), r"stage 2: width 300 is not divisible by segments 0; .*nearest: 1, 2, 3, 4"),
     case("gunnify_nothing_to_convert", model("model=resnet_mini", "model.gunnify.segments=3"), r"^gunnify: no residual block of ResNetCifar could be converted"),
     case("model_unknown_option", model("+model.depth=3"), r"^model: .*unknown option\(s\) \['depth'\]; accepted: \[.*'segments'"),
+    case("paper_model_fixes_segments", model("model=gunn15", "+model.segments=[4,5,6]"), r"^model: gunn15 fixes segments: .*model=custom_gunn"),
     case("optimizer_refuses_nesterov", module("optimizer.momentum=0"), r"^optimizer: Nesterov momentum requires a momentum.*Fix the optimizer\.\* values"),
     case("optimizer_unknown_option", module("+optimizer.betas=[0.9,0.99]"), r"^optimizer: SGD.__init__\(\) got an unexpected keyword argument 'betas'"),
     case("scheduler_gamma_not_a_number", config("experiment=digits", "scheduler=multistep", "scheduler.gamma=abc"), r"scheduler\.gamma='abc' is invalid: expected a positive number"),

@@ -192,6 +192,11 @@ def test_bad_segments_raise_naming_values(channels: int, segments: int) -> None:
     assert f"segments={segments}" in str(err.value)
 
 
+def test_channels_below_one_raise() -> None:
+    with pytest.raises(ValueError, match="channels=0 must be a positive number"):
+        GunnLayer(0, 1)
+
+
 def test_wrong_input_channels_raise() -> None:
     with pytest.raises(ValueError, match="expects 6 channels, got 4"):
         GunnLayer(6, 3)(torch.randn(1, 4, 2, 2))

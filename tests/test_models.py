@@ -186,8 +186,13 @@ def test_create_model_errors_name_the_problem() -> None:
         create_model("gunn99")
     with pytest.raises(TypeError, match="'widht'"):
         create_model("gunn15", widht=3)
-    with pytest.raises(TypeError, match="'widths'"):
+    # A named model's architecture is its name: refused, naming the generic builder.
+    with pytest.raises(TypeError, match=r"gunn15 fixes widths: .*create_model\('gunn', widths"):
         create_model("gunn15", widths=(8, 8, 8))
+    with pytest.raises(TypeError, match="gunn_mini fixes segments"):
+        create_model("sunn_mini", segments=(1, 1, 1))
+    with pytest.raises(TypeError, match=r"resnet_mini fixes blocks, widths: .*ResNetCifar\("):
+        create_model("resnet_mini", blocks=(1, 1, 1), widths=(8, 8, 8))
 
 
 @pytest.mark.parametrize(
@@ -198,6 +203,9 @@ def test_create_model_errors_name_the_problem() -> None:
         ({"widths": (8,), "segments": (2,), "layers_per_stage": 0}, "must be >= 1, got 0"),
         ({"widths": (8,), "segments": (2,), "stem": "tiny"}, "stem='tiny'"),
         ({"widths": (8,), "segments": (2,), "pool": "middle"}, "pool='middle'"),
+        ({"widths": (8,), "segments": (2,), "in_chans": 0}, "in_chans=0 must be a positive"),
+        ({"widths": (8,), "segments": (2,), "head_width": -1}, "head_width=-1 must be a posit"),
+        ({"widths": (8,), "segments": (2,), "num_classes": -1}, r"num_classes=-1 must be >= 0"),
     ],
 )
 def test_bad_architecture_raises(kwargs: dict, message: str) -> None:

@@ -155,6 +155,11 @@ class ImageClassifier(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one (0: none, return the features);
         `global_pool` ("avg", "max", "": none) replaces the pooling too when given."""
+        if num_classes < 0:
+            raise ValueError(
+                f"num_classes={num_classes} must be >= 0 (0: no classifier, the pooled features "
+                f"come out)."
+            )
         pool = self.global_pool if global_pool is None else GlobalPool(global_pool)
         if pool.pool_type == "" and num_classes > 0:
             raise ValueError(
@@ -312,6 +317,7 @@ class Gunn(ImageClassifier):
         else:
             layers = tuple(int(n) for n in layers_per_stage)
         _check_architecture(widths, segments, layers, stem, pool)
+        check_channels("Gunn", in_chans=in_chans, stem_width=stem_width, head_width=head_width)
 
         self.in_chans = in_chans
         self.stem = _stem(stem, in_chans, stem_width)
@@ -388,6 +394,14 @@ def _check_architecture(
         raise ValueError(f"Gunn: stem={stem!r} is not one of {STEMS}.")
     if pool not in POOLS:
         raise ValueError(f"Gunn: pool={pool!r} is not one of {POOLS}.")
+
+
+def check_channels(owner: str, **channels: int | None) -> None:
+    """Channel counts of 0 or less build a network of empty tensors that fails, if at all, far
+    from here; None is an unset option."""
+    for key, value in channels.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{owner}: {key}={value} must be a positive number of channels.")
 
 
 class GunnTracer(torch.fx.Tracer):

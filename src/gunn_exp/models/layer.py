@@ -139,7 +139,9 @@ class GunnLayer(nn.Module):
         impl: str = DEFAULT_IMPL,
     ) -> None:
         super().__init__()
-        if segments < 1 or channels < 1 or channels % segments:
+        if channels < 1:
+            raise ValueError(f"GunnLayer: channels={channels} must be a positive number.")
+        if segments < 1 or channels % segments:
             raise ValueError(
                 f"GunnLayer: channels={channels} is not divisible by segments={segments}; "
                 f"choose segments among the divisors of {channels} "

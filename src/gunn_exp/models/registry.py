@@ -56,6 +56,26 @@ def register_model(fn: Builder | None = None, *, cfgs: dict[str, dict] | None = 
     return register if fn is None else register(fn)
 
 
+def build_fixed(
+    name: str,
+    model_cls: Builder,
+    architecture: dict[str, Any],
+    options: dict[str, Any],
+    instead: str,
+) -> Any:
+    """Model `name`: `model_cls(**architecture, **options)`, where the caller's options are the
+    rest (classes, dropout, ...). Overriding the architecture itself is refused, naming
+    `instead`, the way to build another: a result labelled `name` always comes from `name`'s
+    architecture."""
+    fixed = sorted(set(architecture) & set(options))
+    if fixed:
+        raise TypeError(
+            f"{name} fixes {', '.join(fixed)}: a result labelled {name} is always its "
+            f"architecture; for your own, {instead}."
+        )
+    return model_cls(**architecture, **options)
+
+
 def list_models() -> list[str]:
     """Registered model names (without pretrained tags), sorted."""
     return sorted(_ARCHS)

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from gunn_exp.models.gunn import ImageClassifier, conv_bn_relu, init_weights
+from gunn_exp.models.gunn import ImageClassifier, check_channels, conv_bn_relu, init_weights
 from gunn_exp.models.pretrained import cifar_cfgs
-from gunn_exp.models.registry import register_model
+from gunn_exp.models.registry import build_fixed, register_model
 
 
 class BasicBlock(nn.Module):
@@ -55,6 +55,9 @@ class ResNetCifar(ImageClassifier):
         zero_init_last: bool = False,
     ) -> None:
         super().__init__()
+        check_channels(
+            "ResNetCifar", in_chans=in_chans, **{f"widths[{i}]": w for i, w in enumerate(widths)}
+        )
         self.in_chans = in_chans
         self.stem = conv_bn_relu(in_chans, widths[0], kernel=3)
         # Feature taps: the stem's output, then each stage's (stride 1, 1, 2, 4, 8).
@@ -79,6 +82,10 @@ class ResNetCifar(ImageClassifier):
                     nn.init.zeros_(block.bn2.weight)
 
 
+# How to build a CIFAR ResNet of another architecture than a named one's.
+OWN_RESNET = "build ResNetCifar(blocks=..., widths=...) from gunn_exp.models.resnet_cifar"
+
+
 @register_model(cfgs=cifar_cfgs(pool_size=(4, 4)))
 def resnet18_cifar(**options: Any) -> ResNetCifar:
     """CIFAR ResNet-18 (3x3 stem, no max pool): a yardstick for benchmarks, not a GUNN."""
@@ -90,4 +97,5 @@ def resnet_mini(**options: Any) -> ResNetCifar:
     """Compact CIFAR ResNet for CPU ablations (ResNet vs gunnified ResNet): He et al.'s CIFAR
     skeleton with n=2 (3 stages of 2 BasicBlocks, widths 16/32/64) and 1x1-conv shortcuts.
     175,258 parameters with 10 classes."""
-    return ResNetCifar(blocks=(2, 2, 2), widths=(16, 32, 64), **options)
+    architecture = {"blocks": (2, 2, 2), "widths": (16, 32, 64)}
+    return build_fixed("resnet_mini", ResNetCifar, architecture, options, OWN_RESNET)

@@ -16,7 +16,7 @@ from typing import Any
 
 from gunn_exp.models.gunn import Gunn
 from gunn_exp.models.pretrained import cifar_cfgs, imagenet_cfgs
-from gunn_exp.models.registry import pretrained_cfgs, register_model
+from gunn_exp.models.registry import build_fixed, pretrained_cfgs, register_model
 
 # The paper's architectures (docs/SPEC.md §2); the SUNN twins share them.
 GUNN15 = {
@@ -43,12 +43,17 @@ WIDE_GUNN18 = {
 }
 GUNN_MINI = {"stem": "cifar", "stem_width": 32, "widths": (32, 48, 64), "segments": (2, 3, 4)}
 SIMULTANEOUS = {"update": "simultaneous"}
+# How to build a GUNN of another architecture than a named one's.
+OWN_GUNN = (
+    "build `gunn` with the whole architecture (model=custom_gunn, or "
+    "create_model('gunn', widths=..., segments=...))"
+)
 
 
 @register_model(cfgs=cifar_cfgs())
 def gunn15(**options: Any) -> Gunn:
     """GUNN-15 (CIFAR; authors' gunn-15.lua). 1,585,746 parameters with 10 classes."""
-    return Gunn(**GUNN15, **options)
+    return build_fixed("gunn15", Gunn, GUNN15, options, OWN_GUNN)
 
 
 @register_model(cfgs=cifar_cfgs())
@@ -58,13 +63,13 @@ def gunn24(**options: Any) -> Gunn:
     GUNN-15's skeleton, widths x3.25 (o = 39 with GUNN-15's K) and two GUNN layers per stage
     (docs/SPEC.md §2). 29,649,276 parameters with 10 classes.
     """
-    return Gunn(**GUNN24, **options)
+    return build_fixed("gunn24", Gunn, GUNN24, options, OWN_GUNN)
 
 
 @register_model(cfgs=imagenet_cfgs())
 def gunn18(**options: Any) -> Gunn:
     """GUNN-18 (ImageNet; authors' gunn-18.lua). 28,909,736 parameters with 1000 classes."""
-    return Gunn(**GUNN18, **options)
+    return build_fixed("gunn18", Gunn, GUNN18, options, OWN_GUNN)
 
 
 @register_model(cfgs=imagenet_cfgs())
@@ -74,7 +79,7 @@ def wide_gunn18(**options: Any) -> Gunn:
     GUNN-18's skeleton with widths 480-2400, segment width 20 and the projection branch on
     (docs/SPEC.md §2). 45,606,696 parameters with 1000 classes.
     """
-    return Gunn(**WIDE_GUNN18, **options)
+    return build_fixed("wide_gunn18", Gunn, WIDE_GUNN18, options, OWN_GUNN)
 
 
 @register_model(cfgs=cifar_cfgs())
@@ -84,7 +89,7 @@ def gunn_mini(**options: Any) -> Gunn:
     Segment width 16 in every stage. On sklearn digits at 16x16, 15 epochs (cosine lr from 0.1)
     reach under 1% test error in about 30 s on one CPU core.
     """
-    return Gunn(**GUNN_MINI, **options)
+    return build_fixed("gunn_mini", Gunn, GUNN_MINI, options, OWN_GUNN)
 
 
 # The generic builder's pool size depends on the architecture it is given, hence None.
