@@ -347,3 +347,25 @@ def test_sweeps_with_wandb_offline(tmp_path: Path, ddp: bool) -> None:
             assert run.config["seed"] == results(job)["seed"]
             assert any("val/err1" in row for row in run.history)
             assert run.summary["params"] == results(job)["params"]
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_datamodule_the_templates_way(batch_size: int) -> None:
+    """The template's test_mnist_datamodule on ours: built from keyword arguments alone (the
+    class count is the dataset's), splits under its names, empty until setup, all images in the
+    three splits, batches of float images and int64 labels."""
+    import torch
+
+    from gunn_exp.data import CIFARDataModule, DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=batch_size)
+    assert dm.num_classes == 10 and CIFARDataModule(name="cifar100").num_classes == 100
+    dm.prepare_data()
+    assert not dm.data_train and not dm.data_val and not dm.data_test
+    dm.setup()
+    assert dm.data_train and dm.data_val and dm.data_test
+    assert dm.train_dataloader() and dm.val_dataloader() and dm.test_dataloader()
+    assert len(dm.data_train) + len(dm.data_val) + len(dm.data_test) == 1797
+    x, y = next(iter(dm.train_dataloader()))
+    assert len(x) == len(y) == batch_size
+    assert x.dtype == torch.float32 and y.dtype == torch.int64

@@ -33,12 +33,14 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     name: str = "images"
+    # The dataset's class count: what num_classes=None means (a subclass's data sets it).
+    default_num_classes: int | None = None
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __init__(
         self,
-        num_classes: int,
+        num_classes: int | None = None,
         in_chans: int = 3,
         image_size: int = 32,
         batch_size: int = 64,
@@ -46,6 +48,9 @@ class ImageDataModule(pl.LightningDataModule):
         name: str | None = None,
     ) -> None:
         super().__init__()
+        num_classes = self.default_num_classes if num_classes is None else num_classes
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"data.num_classes={num_classes!r} must be a positive integer.")
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be a positive integer.")
         if num_workers < 0:
@@ -61,6 +66,19 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    # lightning-hydra-template's names for the splits, for code written against its datamodules.
+    @property
+    def data_train(self) -> Dataset | None:
+        return self.train_set
+
+    @property
+    def data_val(self) -> Dataset | None:
+        return self.val_set
+
+    @property
+    def data_test(self) -> Dataset | None:
+        return self.test_set
 
     def check(self) -> None:
         """Cheap checks of the data on disk, raising DataError; train() runs them in every process

@@ -107,12 +107,13 @@ class CIFARDataModule(ImageDataModule):
         val_size: int = 0,
         verify_checksums: bool = True,
         on_device: bool = False,
-        num_classes: int = 10,
+        num_classes: int | None = None,  # None: the dataset's (10 or 100)
         train_fraction: float = 1.0,
         **kwargs,
     ) -> None:
         if name not in _DATASETS:
             raise ValueError(f"data.name={name!r}: CIFARDataModule knows {sorted(_DATASETS)}.")
+        self.default_num_classes = 100 if name == "cifar100" else 10
         super().__init__(num_classes=num_classes, name=name, **kwargs)
         if val_size < 0:
             raise ValueError(f"data.val_size={val_size} must be >= 0.")

@@ -24,6 +24,7 @@ class DigitsDataModule(ImageDataModule):
     """
 
     name = "digits"
+    default_num_classes = 10
 
     def __init__(
         self,

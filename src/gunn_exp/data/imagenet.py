@@ -50,6 +50,7 @@ class ImageNetDataModule(ImageDataModule):
     """
 
     name = "imagenet"
+    default_num_classes = 1000  # ILSVRC-2012
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
 

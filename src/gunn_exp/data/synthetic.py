@@ -12,6 +12,7 @@ class SyntheticDataModule(ImageDataModule):
     """FakeData splits of fixed, seeded content; nothing to learn, nothing to download."""
 
     name = "synthetic"
+    default_num_classes = 10
 
     def __init__(
         self,
