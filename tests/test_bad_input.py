@@ -25,8 +25,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from gunn_exp.config import validate_config
-from gunn_exp.data import CIFARDataModule, DataError, DigitsDataModule, ImageNetDataModule
-from gunn_exp.errors import ConfigError, RunError
+from gunn_exp.data import CIFARDataModule, DigitsDataModule, ImageNetDataModule
+from gunn_exp.errors import BAD_INPUT
 from gunn_exp.inference.run import list_images, load_run, resolve_device
 from gunn_exp.rundir.preprocessing import Preprocessing
 from gunn_exp.training.checkpoints import ResumeAsInPlace
@@ -35,7 +35,7 @@ from gunn_exp.training.train import build_module, build_network, build_trainer
 
 register_resolvers()
 
-EXIT_2 = (DataError, ConfigError, RunError)  # what the entry points exit 2 on
+EXIT_2 = BAD_INPUT  # what the entry points exit 2 on
 Make = Callable[[Path], object]
 
 
@@ -222,6 +222,12 @@ def run_dir_with_config(text: str, ckpt: str = "best") -> Make:
     return make
 
 
+def plain_weights(tmp: Path) -> None:
+    """A bare state_dict (torch.save(model.state_dict())) given where a checkpoint belongs."""
+    torch.save({"stem.0.weight": torch.zeros(2, 3, 3, 3)}, tmp / "weights.pt")
+    load_run(tmp / "weights.pt")
+
+
 def empty_image_folder(tmp: Path) -> None:
     (tmp / "photos").mkdir()
     (tmp / "photos" / "notes.txt").write_text("not an image")
@@ -301,6 +307,7 @@ CASES = [
     case("eval_ckpt_neither_name_nor_file", run_dir_with_config("model: {name: gunn_mini}\n", ckpt="middle"), r"^ckpt=middle: neither best, last nor a checkpoint file.*ckpt=<path to a \.ckpt>"),
     case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),
     case("run_config_not_a_run", run_dir_with_config("- a\n- list\n"), r"config\.yaml has no model\.name.*Fix"),
+    case("plain_weights_as_checkpoint", plain_weights, r"weights\.pt has no 'state_dict'.*plain weights.*pretrained_cfg_overlay=dict\(file="),
     case("empty_image_folder", empty_image_folder, r"photos: the folder holds no image files"),
 ]
 # fmt: on

@@ -102,8 +102,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         reason = first_line(err).split(". ")[0]  # torch's advice follows its first sentence
         raise corrupt(path, f"{type(err).__name__}: {reason}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        plain = isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values())
+        hint = (
+            " It holds plain weights (a state_dict): load them into a model you build, e.g. "
+            "create_model(<name>, pretrained=True, pretrained_cfg_overlay=dict(file=...)) "
+            "(docs/USING_MODELS.md)."
+            if plain
+            else ""
+        )
         raise CheckpointError(
             f"checkpoint {path} has no 'state_dict': it was not written by gunn-exp/Lightning."
+            + hint
         )
     return ckpt
 
