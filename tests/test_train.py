@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cifar10_overrides, compose_train, exit_status, train_here
+from conftest import RUN_ENV, cifar10_overrides, compose_train, exit_status, run_entry, train_here
 
 from gunn_exp.training.train import train
 
@@ -94,6 +94,16 @@ def test_missing_data_fails_early_with_the_fix(tmp_path: Path, data: str) -> Non
     assert code == 2
     assert str(tmp_path / "nothing") in message and "Fix:" in message, message[-2000:]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_the_console_carries_no_library_noise(tmp_path: Path) -> None:
+    """cli.LIBRARY_NOISE: warnings libraries raise about each other stay off the user's console."""
+    env = {k: v for k, v in RUN_ENV.items() if k != "PYTHONWARNINGS"}  # warnings as users see
+    proc = run_entry(
+        "train.py", "experiment=digits", "debug=fast_dev_run", "logger=[]", "print_config=false",
+        f"hydra.run.dir={tmp_path / 'run'}", env=env,
+    )  # fmt: skip
+    assert "LeafSpec" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_unknown_model_names_the_choices(run_train) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,13 +17,21 @@ from pathlib import Path
 from gunn_exp.errors import exit_code, one_line
 
 
+# Warnings that libraries raise about each other, which no user of ours can act on: Lightning
+# 2.6 uses a pytree class that torch 2.14 deprecated, and says so at every loop start.
+LIBRARY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
 def prepare(script: str, log_info: bool = False) -> None:
-    """Set PROJECT_ROOT to the script's folder (conf/paths uses it) and register resolvers.
+    """Set PROJECT_ROOT to the script's folder (conf/paths uses it), register resolvers and
+    silence LIBRARY_NOISE.
 
     `log_info`: argparse tools show gunn_exp's INFO lines (Hydra scripts configure logging
     through conf/hydra instead).
     """
     os.environ.setdefault("PROJECT_ROOT", str(Path(script).resolve().parent))
+    for message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message, FutureWarning)
     from gunn_exp.training.schedules import register_resolvers
 
     register_resolvers()
