@@ -16,7 +16,6 @@ from pathlib import Path
 
 from gunn_exp.errors import exit_code, one_line
 
-
 # Warnings that libraries raise about each other, which no user of ours can act on: Lightning
 # 2.6 uses a pytree class that torch 2.14 deprecated, and says so at every loop start.
 LIBRARY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
