@@ -198,5 +198,8 @@ def test_channels_below_one_raise() -> None:
 
 
 def test_wrong_input_channels_raise() -> None:
-    with pytest.raises(ValueError, match="expects 6 channels, got 4"):
+    with pytest.raises(ValueError, match=r"expects a \(batch, 6, height, width\) .*\(1, 4, 2, 2\)"):
         GunnLayer(6, 3)(torch.randn(1, 4, 2, 2))
+    # Unbatched (C, H, W), which a Conv2d would take: its first dim is not the channel count.
+    with pytest.raises(ValueError, match=r"got shape \(6, 4, 4\)"):
+        GunnLayer(6, 3)(torch.randn(6, 4, 4))

@@ -169,8 +169,11 @@ class GunnLayer(nn.Module):
             # torch.fx.symbolic_trace: record the sequential rule itself (the fast
             # implementations are autograd Functions, opaque to FX, that compute the same).
             return reference_update(x, self.units, self.update)
-        if x.shape[1] != self.channels:
-            raise ValueError(f"GunnLayer expects {self.channels} channels, got {x.shape[1]}.")
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                f"GunnLayer expects a (batch, {self.channels}, height, width) tensor, got shape "
+                f"{tuple(x.shape)}."
+            )
         return IMPLEMENTATIONS[self.impl](x, self.units, self.update, **self.impl_options)
 
     def extra_repr(self) -> str:
