@@ -14,6 +14,8 @@ register_resolvers()
 MODELS = sorted(p.stem for p in (ROOT / "conf/model").glob("*.yaml"))
 DATA = sorted(p.stem for p in (ROOT / "conf/data").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf/experiment").glob("*.yaml"))
+OPTIMIZERS = sorted(p.stem for p in (ROOT / "conf/optimizer").glob("*.yaml"))
+SCHEDULERS = sorted(p.stem for p in (ROOT / "conf/scheduler").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("data", DATA)
@@ -29,6 +31,22 @@ def test_every_model_and_data_compose(model: str, data: str) -> None:
 def test_every_experiment_composes(experiment: str) -> None:
     cfg = compose_train(f"experiment={experiment}")
     validate_config(cfg)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_and_scheduler_build(optimizer: str, scheduler: str) -> None:
+    """What Lightning builds in configure_optimizers, for every pair of the two groups."""
+    import torch
+
+    from gunn_exp.training.train import build_module, build_network
+
+    cfg = compose_train("experiment=digits", f"optimizer={optimizer}", f"scheduler={scheduler}")
+    validate_config(cfg)
+    built = build_module(cfg, build_network(cfg)).configure_optimizers()
+    opt = built["optimizer"] if isinstance(built, dict) else built
+    assert type(opt).__name__.lower() == optimizer.replace("_", "")
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] > 0
 
 
 def test_validation_names_key_and_value() -> None:
