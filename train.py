@@ -15,7 +15,7 @@ def main(cfg: DictConfig) -> float | None:
         validate_config(cfg, registry=False)  # a config error in seconds, before torch loads
         from gunn_exp.training.train import train
 
-        results = train(cfg)
+        results = train(cfg, from_command_line=True)
     # What a sweeper (e.g. Optuna) minimises: the metric conf/train.yaml names.
     return results["metrics"].get(cfg.optimized_metric)
 

@@ -40,7 +40,7 @@ from gunn_exp.rundir.configs import config_history, latest_config, save_config
 from gunn_exp.rundir.lock import RunLock
 from gunn_exp.training.checkpoints import AtomicCheckpointIO
 from gunn_exp.training.faults import FiniteLossGuard
-from gunn_exp.training.launch import refuse_child_process_ranks
+from gunn_exp.training.launch import with_script_ranks
 from gunn_exp.training.resume import check_config_change
 from gunn_exp.training.schedules import register_resolvers
 
@@ -113,27 +113,28 @@ def test_ddp_run_with_wandb_offline_records_config_metrics_and_curves(tmp_path: 
 # --- strategies that train in child processes ---------------------------------------------------
 
 
-def test_ddp_spawn_is_refused_before_training(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    code, stderr = exit_status(
-        lambda: train_here(run_dir, *TINY, "trainer=ddp_cpu", "trainer.strategy=ddp_spawn")
-    )
-    assert code == 2
-    (line,) = error_lines(stderr)
-    assert "trainer.strategy=ddp_spawn" in line and "trainer.strategy=ddp" in line
-    assert "Traceback" not in stderr
-    assert not (run_dir / "results.json").exists() and not (run_dir / "metrics.csv").exists()
-
-
 @pytest.mark.parametrize(
-    "strategy",
-    ["ddp_fork", "ddp_notebook", "ddp_spawn_find_unused_parameters_true", "{start_method: spawn}"],
+    ("strategy", "becomes"),
+    [
+        ("ddp_spawn", "ddp"),
+        ("ddp_fork", "ddp"),
+        ("ddp_notebook", "ddp"),
+        ("ddp_spawn_find_unused_parameters_true", "ddp_find_unused_parameters_true"),
+        ("ddp", "ddp"),
+        ("auto", "auto"),
+    ],
 )
-def test_every_child_process_strategy_is_refused(strategy: str) -> None:
-    cfg = compose_train("experiment=digits", f"+trainer.strategy={strategy}")
-    with pytest.raises(ConfigError, match="trainer.strategy="):
-        refuse_child_process_ranks(cfg)
-    refuse_child_process_ranks(compose_train("experiment=digits", "trainer=ddp_cpu"))
+def test_child_process_strategies_train_as_ddp(strategy: str, becomes: str) -> None:
+    """Their ranks would keep the run's results (epochs, best epoch) in child processes."""
+    cfg = compose_train("experiment=digits", f"++trainer.strategy={strategy}")
+    assert with_script_ranks(cfg).trainer.strategy == becomes
+    assert cfg.trainer.strategy == strategy  # the caller's config is not changed
+
+
+def test_a_ddp_strategy_object_that_spawns_starts_its_ranks_as_scripts() -> None:
+    strategy = "{_target_:pytorch_lightning.strategies.DDPStrategy,start_method:spawn}"
+    cfg = compose_train("experiment=digits", f"++trainer.strategy={strategy}")
+    assert with_script_ranks(cfg).trainer.strategy.start_method == "popen"
 
 
 # --- resuming with another config ---------------------------------------------------------------

@@ -184,6 +184,25 @@ def test_template_conftest_config_trains_then_evaluates(tmp_path: Path) -> None:
     assert evaluated["images"] == 128 and evaluated["err1"] == pytest.approx(trained["test_err1"])
 
 
+def test_train_ddp_sim_the_templates_way(tmp_path: Path) -> None:
+    """The template's test_train_ddp_sim: train(cfg) from Python with ddp_spawn on 2 CPU
+    processes. It trains as ddp in a fresh train.py process (launch.py: Lightning's launcher
+    would re-run pytest's command line), and results.json describes the trained run."""
+    cfg = template_compose("train", tmp_path, "experiment=digits", "debug=tiny")
+    with open_dict(cfg):
+        cfg.extras.print_config = False
+        cfg.trainer.max_epochs = 2
+        cfg.trainer.devices = 2
+        cfg.trainer.strategy = "ddp_spawn"
+    returned = train(cfg)
+    saved = results(tmp_path)
+    assert returned == saved
+    assert saved["epochs"] == 2 and saved["test_err1"] is not None
+    assert saved["best_val_epoch"] in (1, 2) and saved["final_val_err1"] is not None
+    assert OmegaConf.load(tmp_path / "config.yaml").trainer.strategy == "ddp"  # what ran
+    assert "ddp_spawn" in OmegaConf.to_yaml(cfg)  # the caller's config is left as it was
+
+
 def test_eval_composes_a_trainer_like_the_templates_eval_yaml() -> None:
     """`eval.py trainer=gpu | trainer.devices=... | +trainer.precision=...`: the train.py group."""
     cfg = compose_config("eval", "ckpt_path=x.ckpt", "trainer=cpu", "+trainer.precision=bf16-mixed")

@@ -1,6 +1,6 @@
-"""What is refused before a run starts: the config's values, the sweep's tags, strategies whose
-results never come back, and `train`/`test`/`ckpt_path` combinations that would do nothing or
-overwrite a trained run. Each refusal is one ConfigError naming the value and the fix."""
+"""What is refused before a run starts: the config's values, the sweep's tags, and
+`train`/`test`/`ckpt_path` combinations that would do nothing or overwrite a trained run. Each
+refusal is one ConfigError naming the value and the fix."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from omegaconf import DictConfig
 from gunn_exp import rundir
 from gunn_exp.config import validate_config
 from gunn_exp.errors import ConfigError
-from gunn_exp.training.launch import in_multirun, refuse_child_process_ranks
+from gunn_exp.training.launch import in_multirun
 
 
 def check_run(cfg: DictConfig) -> None:
     """Every pre-run refusal, in the order a user would fix them."""
     validate_config(cfg)
     require_tags(cfg)
-    refuse_child_process_ranks(cfg)
     check_train_test(cfg)
 
 

@@ -5,12 +5,14 @@ pinned by `hydra.run.dir=`. Inside a Hydra multirun that argv is the whole sweep
 value), so each extra rank would run the entire sweep again into a second sweep directory, and
 later jobs of the sweep would inherit the first job's rank variables. A multirun job that would
 launch its own ranks therefore runs as a single run in a fresh process (its overrides, its job
-directory), where Lightning's launcher is correct. Jobs whose ranks are started by the cluster
+directory), where Lightning's launcher is correct; so does a run of `train(cfg)` called from
+Python, whose argv is not train.py at all. Jobs whose ranks are started by the cluster
 (hydra/launcher=slurm: one SLURM task per rank) need none of this.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -52,26 +54,36 @@ CHILD_PROCESS_STRATEGIES = ("ddp_spawn", "ddp_fork", "ddp_notebook")
 SPAWN_METHODS = ("spawn", "fork", "forkserver")
 
 
-def refuse_child_process_ranks(cfg: DictConfig) -> None:
-    """Refuse strategies that train in child processes (ddp_spawn, ddp_fork, ddp_notebook).
+def with_script_ranks(cfg: DictConfig) -> DictConfig:
+    """`cfg` with a strategy that trains in child processes (ddp_spawn, ddp_fork, ddp_notebook,
+    a DDPStrategy with `start_method: spawn|fork|forkserver`) replaced by its `ddp` form.
 
     Their ranks run `fit` in processes started from this one and only the weights come back:
-    the per-epoch rows, the best epoch and the epoch count stay in the children, so results.json
-    would describe a run that never trained. `ddp` re-runs the script for each rank instead,
-    where every rank (rank 0 included) keeps its own state, and gives the same training.
+    the per-epoch rows, the best epoch and the epoch count would stay in the children, and
+    results.json would describe a run that never trained. `ddp` trains the same (the same
+    processes, seeds and gradient averaging) with ranks that are scripts of their own, where
+    rank 0 keeps its state. lightning-hydra-template's `ddp_sim` and its tests use ddp_spawn,
+    so it is translated rather than refused; one line says so. `cfg` itself is left as it was.
     """
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith(CHILD_PROCESS_STRATEGIES):
-        name = strategy
+        _, option, value = strategy.partition("_find_unused_parameters")
+        old, new = strategy, "ddp" + option + value
     elif isinstance(strategy, DictConfig) and strategy.get("start_method") in SPAWN_METHODS:
-        name = f"{strategy.get('_target_')}(start_method={strategy.start_method})"
+        old, new = f"start_method={strategy.start_method}", "start_method=popen"
     else:
-        return
-    raise ConfigError(
-        f"trainer.strategy={name} is not supported: it trains in child processes whose "
-        f"results never reach this one (results.json would describe an untrained run); use "
-        f"trainer.strategy=ddp (trainer=ddp, or trainer=ddp_cpu on CPUs), same training."
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if isinstance(strategy, str):
+        cfg.trainer.strategy = new
+    else:
+        cfg.trainer.strategy.start_method = "popen"
+    log.info(
+        f"trainer.strategy: {old} trains in child processes that keep the run's results to "
+        f"themselves; training with {new} instead (the same training, ranks as processes of "
+        f"their own)."
     )
+    return cfg
 
 
 def check_rank_run_dirs(trainer: pl.Trainer) -> None:
@@ -98,12 +110,10 @@ def run_job_as_single_run(output_dir: Path, wandb_group: str | None = None) -> d
     """Run this multirun job in a fresh `python train.py <job overrides>` process; its results.
 
     The child writes into the job's directory (`hydra.run.dir`) and leaves the job's `.hydra/`
-    as the sweep wrote it. SIGTERM/SIGINT are forwarded to it (it checkpoints and stops); it is
-    in its own session so a terminal's Ctrl-C reaches it once, through this process.
-    `wandb_group`: the sweep's wandb group, which the child (a single run) cannot know itself.
+    as the sweep wrote it. `wandb_group`: the sweep's wandb group, which the child (a single run)
+    cannot know itself.
     """
     hydra_cfg = HydraConfig.get()
-    job = f"multirun job {hydra_cfg.job.num}"
     command = [
         *_entry_command(),
         *hydra_cfg.overrides.task,
@@ -112,8 +122,48 @@ def run_job_as_single_run(output_dir: Path, wandb_group: str | None = None) -> d
         "hydra.mode=RUN",  # a sweep config (hparams_search=...) must not start a sweep again
         *([f"logger.wandb.group={_quoted(wandb_group)}"] if wandb_group else []),
     ]
+    job = f"multirun job {hydra_cfg.job.num}"
     log.info(f"{job} starts DDP ranks: running it as a single run: {shlex.join(command)}")
-    child = subprocess.Popen(command, cwd=get_original_cwd(), start_new_session=True)
+    resume = f"`ckpt_path=last hydra.run.dir={output_dir}` and the job's overrides (its .hydra/)"
+    return _run_child(command, job, resume, get_original_cwd(), output_dir)
+
+
+def run_config_as_script(config_file: Path, root_dir: Path, output_dir: Path) -> dict[str, Any]:
+    """Run this run in a fresh `python train.py` process composed from its saved `config_file`;
+    its results.
+
+    For `train(cfg)` called from Python (a test, a notebook, lightning-hydra-template's
+    `test_train_ddp_sim`) with a strategy whose ranks Lightning starts itself: its launcher
+    re-runs this process's command line for each rank, which is not train.py here. The saved
+    config holds every change the caller made after composing, which overrides would not.
+    """
+    script = root_dir / "train.py"
+    if not script.is_file():
+        raise ConfigError(
+            f"this run starts DDP ranks as `python train.py`, and paths.root_dir={root_dir} has "
+            f"no train.py: set PROJECT_ROOT to the project folder, or start the run with "
+            f"`python train.py ...`."
+        )
+    command = [
+        sys.executable,
+        str(script),
+        f"--config-path={config_file.parent.resolve()}",
+        f"--config-name={config_file.name}",
+        f"hydra.run.dir={_quoted(output_dir.resolve())}",
+        "hydra.output_subdir=null",
+    ]
+    log.info(f"this run starts DDP ranks: running it as `python train.py`: {shlex.join(command)}")
+    resume = f"`ckpt_path=last` in the same run directory ({output_dir})"
+    return _run_child(command, "this DDP run", resume, root_dir, output_dir)
+
+
+def _run_child(
+    command: list[str], what: str, resume: str, cwd: Path | str, output_dir: Path
+) -> dict[str, Any]:
+    """Run `command` to its end with SIGTERM/SIGINT forwarded (it checkpoints and stops); the
+    results it wrote. It is in its own session so a terminal's Ctrl-C reaches it once, through
+    this process."""
+    child = subprocess.Popen(command, cwd=cwd, start_new_session=True)
     forwarded: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -125,13 +175,9 @@ def run_job_as_single_run(output_dir: Path, wandb_group: str | None = None) -> d
             signal.signal(signum, handler)
     if code < 0 or code > 128:
         signum = -code if code < 0 else code - 128
-        raise Interrupted(
-            f"{job} stopped by signal {signum}; resume it with `ckpt_path=last "
-            f"hydra.run.dir={output_dir}` and the job's overrides ({output_dir}/.hydra).",
-            signum,
-        )
+        raise Interrupted(f"{what} stopped by signal {signum}; resume it with {resume}.", signum)
     if code != 0:
-        raise RunStopped(f"{job} failed with exit code {code} (its messages are above).", code)
+        raise RunStopped(f"{what} failed with exit code {code} (its messages are above).", code)
     return rundir.read_results(output_dir / rundir.RESULTS)
 
 

@@ -38,7 +38,9 @@ from gunn_exp.training.launch import (
     in_multirun,
     launches_own_ranks,
     log_rank_results,
+    run_config_as_script,
     run_job_as_single_run,
+    with_script_ranks,
 )
 from gunn_exp.training.loggers import build_loggers, log_run_setup, wandb_group
 from gunn_exp.training.resume import (
@@ -51,25 +53,28 @@ from gunn_exp.training.resume import (
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, from_command_line: bool = False) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results.
 
     `train=false` (with `ckpt_path=<file>`) only tests that checkpoint; `test=false` skips the
     test set; `ckpt_path=auto` on a finished run returns its results untouched. The run
     directory is locked while this process writes into it. `cfg` may carry its `hydra` node (a
     config composed as lightning-hydra-template's tests do): it is set aside.
+    `from_command_line`: this process is `train.py` started with the command line that composed
+    `cfg` (train.py's own call), which Lightning's DDP launcher may re-run for the other ranks;
+    called from Python, a run with such ranks trains in a fresh train.py process (launch.py).
     """
-    cfg = without_hydra(cfg)
+    cfg = with_script_ranks(without_hydra(cfg))
     check_run(cfg)
     apply_extras(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.ckpt_path == "auto" and (finished := finished_results(cfg, output_dir)) is not None:
         return finished
     with run_guard(output_dir):
-        return _train(cfg, output_dir)
+        return _train(cfg, output_dir, from_command_line)
 
 
-def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+def _train(cfg: DictConfig, output_dir: Path, from_command_line: bool) -> dict[str, Any]:
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
@@ -82,16 +87,17 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     changed = check_resume(cfg, ckpt_path, model, output_dir) if resuming else False
     tested_ckpt = load_tested_weights(cfg, model, ckpt_path) if not cfg.train else None
     module = build_module(cfg, model)
-    if rank_zero_only.rank == 0:
-        save_config(cfg, output_dir, resuming=resuming)
+    config_file = save_config(cfg, output_dir, resuming) if rank_zero_only.rank == 0 else None
     accept_run(cfg, output_dir)  # refusals are behind us: .hydra/ and the log file now
 
     resume_as_in_place = ResumeAsInPlace()
     trainer, loggers = build_trainer(cfg, output_dir, changed, resume_as_in_place)
-    if in_multirun() and launches_own_ranks(trainer):
+    if launches_own_ranks(trainer) and in_multirun():
         # See launch.py: DDP inside a multirun. The sweep's wandb group goes along.
         group = wandb_group(cfg) if OmegaConf.select(cfg, "logger.wandb._target_") else None
         return run_job_as_single_run(output_dir, wandb_group=group)
+    if launches_own_ranks(trainer) and not from_command_line and config_file is not None:
+        return run_config_as_script(config_file, Path(cfg.paths.root_dir), output_dir)
     check_rank_run_dirs(trainer)
     log_run_setup(loggers, cfg, count_params(model))
 
