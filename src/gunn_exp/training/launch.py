@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
 from gunn_exp.errors import ConfigError, Interrupted, RunStopped
@@ -78,11 +79,12 @@ def with_script_ranks(cfg: DictConfig) -> DictConfig:
         cfg.trainer.strategy = new
     else:
         cfg.trainer.strategy.start_method = "popen"
-    log.info(
-        f"trainer.strategy: {old} trains in child processes that keep the run's results to "
-        f"themselves; training with {new} instead (the same training, ranks as processes of "
-        f"their own)."
-    )
+    if rank_zero_only.rank == 0:  # once per run, not once per rank
+        log.info(
+            f"trainer.strategy: {old} trains in child processes that keep the run's results to "
+            f"themselves; training with {new} instead (the same training, ranks as processes of "
+            f"their own)."
+        )
     return cfg
 
 
