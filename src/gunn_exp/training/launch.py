@@ -139,13 +139,15 @@ def run_config_as_script(config_file: Path, root_dir: Path, output_dir: Path) ->
     re-runs this process's command line for each rank, which is not train.py here. The saved
     config holds every change the caller made after composing, which overrides would not.
     """
-    script = root_dir / "train.py"
-    if not script.is_file():
+    # paths.root_dir (PROJECT_ROOT), else the checkout this package is imported from (src/).
+    found = [p for p in (root_dir, Path(__file__).parents[3]) if (p / "train.py").is_file()]
+    if not found:
         raise ConfigError(
-            f"this run starts DDP ranks as `python train.py`, and paths.root_dir={root_dir} has "
-            f"no train.py: set PROJECT_ROOT to the project folder, or start the run with "
-            f"`python train.py ...`."
+            f"this run starts DDP ranks as `python train.py`, and neither paths.root_dir="
+            f"{root_dir} nor {Path(__file__).parents[3]} has train.py: set PROJECT_ROOT to the "
+            f"project folder, or start the run with `python train.py ...`."
         )
+    script = found[0].resolve() / "train.py"
     command = [
         sys.executable,
         str(script),
@@ -156,7 +158,7 @@ def run_config_as_script(config_file: Path, root_dir: Path, output_dir: Path) ->
     ]
     log.info(f"this run starts DDP ranks: running it as `python train.py`: {shlex.join(command)}")
     resume = f"`ckpt_path=last` in the same run directory ({output_dir})"
-    return _run_child(command, "this DDP run", resume, root_dir, output_dir)
+    return _run_child(command, "this DDP run", resume, Path.cwd(), output_dir)  # paths as here
 
 
 def _run_child(
