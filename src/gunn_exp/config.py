@@ -110,6 +110,10 @@ CHECKS: dict[str, Check] = {
         "an integer >= 0 (images decoded per split before training) or all",
     ),
     "trainer.max_epochs": (_positive_int, "a positive integer"),
+    "trainer.min_epochs": (
+        lambda v: v is None or _non_negative_int(v),
+        "an integer >= 0 (epochs before early stopping may stop the run), or null",
+    ),
     # Lightning divides by these (0 is a ZeroDivisionError at the first step) or takes a
     # negative clip norm without a word.
     "trainer.accumulate_grad_batches": (_positive_int, "a positive number of batches"),
@@ -148,7 +152,10 @@ CHECKS: dict[str, Check] = {
     "callbacks.early_stopping.patience": (_non_negative_int, "an integer >= 0 (epochs)"),
     "optimizer.lr": (_positive_number, "a positive number"),
     "optimizer.weight_decay": (_non_negative_number, "a number >= 0"),
-    "optimizer.momentum": (_non_negative_number, "a number >= 0"),
+    "optimizer.momentum": (
+        lambda v: _non_negative_number(v) and v < 1,
+        "a number in [0, 1) (at 1 or more SGD's steps grow without bound)",
+    ),
     "logger.wandb.log_model": (
         lambda v: v is True or v is False or v == "all",
         "true (best and last checkpoints when training ends), all (at every save) or false",
@@ -310,9 +317,21 @@ def _check_monitors(cfg: DictConfig) -> None:
             )
 
 
+def _check_epochs(cfg: DictConfig) -> None:
+    """Lightning stops at max_epochs whatever min_epochs asks for, without a word."""
+    low = OmegaConf.select(cfg, "trainer.min_epochs")
+    high = OmegaConf.select(cfg, "trainer.max_epochs")
+    if _non_negative_int(low) and _positive_int(high) and low > high:
+        raise ConfigError(
+            f"trainer.min_epochs={low} is more than trainer.max_epochs={high}: the run would "
+            f"stop at {high}; raise trainer.max_epochs or lower trainer.min_epochs."
+        )
+
+
 # Checks that relate several keys, run after the per-key CHECKS (so each value is well-typed).
 CROSS_CHECKS: list[Callable[[DictConfig], None]] = [
     _check_num_classes,
+    _check_epochs,
     _check_batch_split,
     _check_cuda_graphs,
     _check_accelerator_present,
