@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_train, run_entry, run_tool, write_cifar
+from conftest import ROOT, RUN_ENV, compose_train, run_entry, run_tool, write_cifar
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -496,3 +496,16 @@ def test_float_images_are_refused_by_name(tmp_path: Path) -> None:
     pre = Preprocessing("test", "RGB", 8, 8, (0.5,) * 3, (0.25,) * 3, 3)
     with pytest.raises(ValueError, match=r"f\.tiff: 'F' pixels .*save it as"):
         pre.load(tmp_path / "f.tiff")
+
+
+def test_wandb_without_a_login_stops_in_one_line_naming_the_ways_on(tmp_path: Path) -> None:
+    """logger=wandb, online, in a process with no terminal and no API key (a batch job): wandb
+    raises from inside the first log call; the run stops before training in one line."""
+    env = {k: v for k, v in RUN_ENV.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path), "NETRC": str(tmp_path / "n")}
+    proc = run_entry("train.py", *entry_train("experiment=digits", "logger=wandb")(tmp_path),
+                     check=False, env=env)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "No API key" in line and "wandb login" in line and "WANDB_MODE=offline" in line
+    assert not list(tmp_path.rglob("metrics.csv"))  # stopped before the first epoch

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
+from gunn_exp.errors import ConfigError
 from gunn_exp.training.launch import in_multirun
 
 
@@ -75,9 +76,27 @@ def log_run_setup(loggers: list[Logger], cfg: DictConfig, params: int) -> None:
     """
     hparams: dict[str, Any] = {"params": params, **flat_config(cfg)}
     for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            start_wandb_run(logger)
         logger.log_hyperparams(hparams)
         if isinstance(logger, WandbLogger):
             logger.experiment.summary["params"] = params
+
+
+def start_wandb_run(logger: WandbLogger) -> None:
+    """Open the wandb run before training: without a login, wandb prompts on a terminal and
+    otherwise (a batch job, a cluster, CI) raises from inside the first log call. That becomes
+    one line naming the ways on."""
+    import wandb
+
+    try:
+        logger.experiment  # noqa: B018 (the property starts the run)
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as err:
+        raise ConfigError(
+            f"logger=wandb cannot start a run: {err} Fix: run `wandb login` (or set "
+            f"WANDB_API_KEY), or log offline with WANDB_MODE=offline (upload later with `wandb "
+            f"sync`), or choose another logger (logger=csv, logger=none)."
+        ) from None
 
 
 @rank_zero_only
