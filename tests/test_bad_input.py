@@ -250,7 +250,7 @@ def case(
 # fmt: off
 CASES = [
     case("cifar_missing", cifar(data_dir="missing"), r"not in .*nothing.*Fix: download"),
-    case("cifar_data_dir_is_a_file", cifar(data_dir="file"), r"a_file is a file, not a folder.*Fix"),
+    case("cifar_data_dir_is_a_file", cifar(data_dir="file"), r"a_file is a file, not a folder.*Fix: set paths.data_dir to"),
     case("cifar_truncated_batch", cifar("data_batch_3", "truncate"), r"data_batch_3 is corrupt.*download=true"),
     case("cifar_random_bytes_batch", cifar("test_batch", "random"), r"test_batch is corrupt.*download=true"),
     case("cifar_missing_meta", cifar("batches.meta", "delete"), r"batches\.meta is missing.*download=true"),

@@ -30,7 +30,7 @@ from sklearn.datasets import load_digits
 from gunn_exp.errors import CheckpointError, ConfigError, RunError
 from gunn_exp.inference.evaluate import evaluate
 from gunn_exp.inference.predict import classify_images
-from gunn_exp.inference.run import find_checkpoint, list_images, load_run
+from gunn_exp.inference.run import find_checkpoint, list_images, load_run, pooled_features
 from gunn_exp.models import create_model
 from gunn_exp.rundir.preprocessing import Preprocessing
 from gunn_exp.rundir.weights import init_from_checkpoint
@@ -177,6 +177,18 @@ def test_features_to_npy_with_names(run_dir: Path, image_dir: Path, tmp_path: Pa
         logits = run.model(x)
         from_features = run.model.get_classifier()(torch.from_numpy(features))
     torch.testing.assert_close(from_features, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_features_pass_through_the_head_conv() -> None:
+    """GUNN-15's features come after its Conv1x1-BN-ReLU head (gunn_mini has none, so the run
+    above cannot tell): the classifier applied to them must give the model's logits."""
+    torch.manual_seed(0)
+    model = create_model("gunn_mini", head_width=24, num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    features = pooled_features(model, x)
+    assert features.shape == (2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_classifier()(features), model(x))
 
 
 def test_finetune_digits_to_cifar10(

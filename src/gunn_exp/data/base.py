@@ -18,9 +18,10 @@ def check_data_dir(path: Path, key: str = "data.data_dir") -> None:
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         where = "" if existing == path else f" (in {key}={path})"
+        keys = key if key == "paths.data_dir" else f"paths.data_dir (or {key})"
         raise DataError(
-            f"{existing} is a file, not a folder{where}. Fix: set paths.data_dir (or {key}) to "
-            f"the folder that holds the datasets."
+            f"{existing} is a file, not a folder{where}. Fix: set {keys} to the folder that "
+            f"holds the datasets."
         )
 
 
