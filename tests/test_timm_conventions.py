@@ -10,6 +10,7 @@ The timm integration itself is in test_timm_integration.py.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,46 @@ def test_torch_export(name: str) -> None:
         model.eval()
         exported = torch.export.export(model, (x,))
         torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_EXPORT else n for n in list_models()],
+)
+def test_torchscript(name: str) -> None:
+    """timm's test_model_forward_torchscript: torch.jit.script compiles every model (GUNN layers
+    as the sequential rule, since autograd Functions do not script) and gives eager's logits, up
+    to the rounding of another summation order."""
+    model = copy.deepcopy(registered_model(name)).train()
+    x = tiny_batch(model, 3)
+    with torch.no_grad():
+        model(x)  # running statistics from a batch: eval then gives moderate logits
+        model.eval()
+        with warnings.catch_warnings():  # PyTorch deprecates TorchScript; scripting is the test
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.script(model)
+        expected = model(x)
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(scripted(x), expected, rtol=0, atol=1e-5 * scale)
+
+
+def test_torchscript_trains_as_eager() -> None:
+    """A scripted GUNN in train mode: the same loss, gradients and BatchNorm running statistics
+    as the eager model's fast implementation."""
+    torch.manual_seed(0)
+    eager = create_model("gunn_mini", num_classes=4).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(copy.deepcopy(eager))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    losses = [nn.functional.cross_entropy(m(x), y) for m in (eager, scripted)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), b in zip(eager.named_parameters(), scripted.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(eager.buffers(), scripted.buffers(), strict=True):
+        torch.testing.assert_close(b, a)
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))

@@ -127,15 +127,10 @@ class ImageClassifier(nn.Module):
     `feature_info` (one tap after the stem and one per stage, see `_tap_split`),
     `forward_intermediates`, `prune_intermediate_layers`, `set_grad_checkpointing`,
     `group_matcher`, `num_features`, `head_hidden_size`, `num_classes`.
-    """
 
-    stem: nn.Module
-    stages: nn.Sequential
-    head: nn.Module
-    num_features: int
-    head_hidden_size: int
-    num_classes: int
-    feature_info: list[dict[str, Any]]
+    Subclasses set `stem`, `stages` (an nn.Sequential), `head` and `feature_info` (no class-level
+    annotations: `torch.jit.script` would read them as attribute types).
+    """
 
     def _build_head(
         self, num_features: int, num_classes: int, drop_rate: float, global_pool: str = "avg"
@@ -186,7 +181,7 @@ class ImageClassifier(nn.Module):
         return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
 
     def _run_stages(self, x: Tensor) -> Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for stage in self.stages:
                 x = checkpoint(stage, x, use_reentrant=False)
             return x

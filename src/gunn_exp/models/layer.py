@@ -165,6 +165,14 @@ class GunnLayer(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        # torch.jit.script compiles the sequential rule (is_scripting is a compile-time constant):
+        # the fast implementations are autograd Functions, which TorchScript cannot compile.
+        if torch.jit.is_scripting():
+            return self._scripted_update(x)
+        return self._update(x)
+
+    @torch.jit.unused
+    def _update(self, x: Tensor) -> Tensor:
         if isinstance(x, torch.fx.Proxy):
             # torch.fx.symbolic_trace: record the sequential rule itself (the fast
             # implementations are autograd Functions, opaque to FX, that compute the same).
@@ -175,6 +183,15 @@ class GunnLayer(nn.Module):
                 f"{tuple(x.shape)}."
             )
         return IMPLEMENTATIONS[self.impl](x, self.units, self.update, **self.impl_options)
+
+    def _scripted_update(self, x: Tensor) -> Tensor:
+        """`reference_update` in the subset of Python that TorchScript compiles."""
+        xs = x.split(self.width, dim=1)
+        ys: list[Tensor] = []
+        for i, unit in enumerate(self.units):
+            z = x if self.update == "simultaneous" else torch.cat(ys + xs[i:], dim=1)
+            ys.append(xs[i] + unit(z))
+        return torch.cat(ys, dim=1)
 
     def extra_repr(self) -> str:
         return (

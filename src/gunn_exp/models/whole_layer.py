@@ -52,8 +52,6 @@ from gunn_exp.models.layer import GunnUnit, reference_update, register_impl
 
 aten = torch.ops.aten
 
-aten = torch.ops.aten
-
 # What the whole-layer Function keeps per segment: "a" conv_in's output, "m" conv_mid's, "c"
 # conv_out's. Whatever is not kept is recomputed in backward.
 KEEP: dict[str, tuple[str, ...]] = {
