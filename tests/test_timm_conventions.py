@@ -220,7 +220,7 @@ def test_torchscript_trains_as_eager() -> None:
     """A scripted GUNN in train mode: the same loss, gradients and BatchNorm running statistics
     as the eager model's fast implementation."""
     torch.manual_seed(0)
-    eager = create_model("gunn_mini", num_classes=4).train()
+    eager = create_model("gunn_mini", num_classes=4, scriptable=True).train()  # timm's flag
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(copy.deepcopy(eager))

@@ -32,6 +32,9 @@ def create_model(
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
     gunnify: Mapping[str, Any] | None = None,
+    scriptable: bool | None = None,
+    exportable: bool | None = None,
+    no_jit: bool | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the registered model `name` ("arch" or "arch.tag"), timm's way.
@@ -47,6 +50,9 @@ def create_model(
     resolved cfg (what `timm.data.resolve_data_config` reads). `gunnify` (`gunnify`'s options:
     `segments`, `update`, `mode`, `blocks`; `segments` None: off) gives the model's residual
     blocks the gradual update after the weights are loaded (models/gunnify.py).
+    `scriptable`, `exportable` and `no_jit` (timm's layer-config flags) are accepted and change
+    nothing: every registered model already scripts (`torch.jit.script`) and exports
+    (`torch.export`, ONNX) as built.
 
     Raises:
         ValueError: unknown name (the message lists the registered ones), unknown tag, or an
@@ -55,6 +61,7 @@ def create_model(
         TypeError: an option the model's constructor does not take (the message lists the
             accepted ones), or one that a paper model fixes (e.g. widths for gunn15).
     """
+    del scriptable, exportable, no_jit  # see the docstring: nothing to switch
     arch = name.partition(".")[0]
     cfg = resolve_pretrained_cfg(name, pretrained_cfg, pretrained_cfg_overlay)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
