@@ -26,7 +26,7 @@ from PIL import Image
 
 from gunn_exp.config import validate_config
 from gunn_exp.data import CIFARDataModule, DigitsDataModule, ImageNetDataModule
-from gunn_exp.errors import BAD_INPUT
+from gunn_exp.errors import BAD_INPUT, instantiate_config
 from gunn_exp.inference.run import list_images, load_run, resolve_device
 from gunn_exp.rundir.preprocessing import Preprocessing
 from gunn_exp.training.checkpoints import ResumeAsInPlace
@@ -45,6 +45,13 @@ Make = Callable[[Path], object]
 def config(*overrides: str) -> Make:
     """validate_config on what `train.py <overrides>` would compose."""
     return lambda tmp: validate_config(compose_train(*overrides))
+
+
+def data(*overrides: str) -> Make:
+    """The data module `train.py experiment=digits <overrides>` would build."""
+    return lambda tmp: instantiate_config(
+        compose_train("experiment=digits", *overrides).data, "data"
+    )
 
 
 def model(*overrides: str) -> Make:
@@ -296,6 +303,18 @@ CASES = [
     case("wandb_log_model", config("experiment=digits", "logger=wandb", "logger.wandb.log_model=best"), r"logger\.wandb\.log_model=.best. is invalid: expected true .*all.*false"),
     case("limit_train_batches_0", config("experiment=digits", "debug=tiny", "trainer.limit_train_batches=0"), r"limit_train_batches=0 .*train nothing"),
     case("limit_train_batches_0.0", config("experiment=digits", "+trainer.limit_train_batches=0.0"), r"limit_train_batches=0\.0"),
+    case("switch_not_a_boolean", config("experiment=digits", "test=no"), r"^test='no' is invalid: expected true or false"),
+    case("allow_config_change_off", config("experiment=digits", "allow_config_change=off"), r"^allow_config_change='off' is invalid: expected true or false"),
+    case("download_no", config("data=cifar10", "data.download=no"), r"^data\.download='no' is invalid: expected true or false"),
+    case("seed_past_numpy_range", config("experiment=digits", "seed=99999999999"), r"^seed=99999999999 is invalid: expected null or an integer in \[0, 2\*\*32\)"),
+    case("split_seed_negative", config("experiment=digits", "data.split_seed=-1"), r"^data\.split_seed=-1 is invalid"),
+    case("limit_val_batches_0", config("experiment=digits", "+trainer.limit_val_batches=0"), r"limit_val_batches=0 is invalid.*best\.ckpt.*check_val_every_n_epoch"),
+    case("limit_test_batches_0", config("experiment=digits", "+trainer.limit_test_batches=0"), r"limit_test_batches=0 is invalid.*test=false"),
+    case("max_steps_0", config("experiment=digits", "+trainer.max_steps=0"), r"max_steps=0 is invalid: expected -1"),
+    case("validation_never_runs", config("experiment=digits", "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"), r"check_val_every_n_epoch=5 is more than trainer\.max_epochs=2: .*never validate"),
+    case("milestones_as_fractions", config("experiment=digits", "scheduler=multistep", "scheduler.milestones=[0.5,0.75]"), r"scheduler\.milestones=\[0\.5, 0\.75\] is invalid: expected whole epochs"),
+    case("digits_train_fraction_too_small", data("data.train_fraction=0.001"), r"train_fraction=0\.001 give 1 training images; .*at least 10.*Fix the data"),
+    case("digits_val_fraction_too_small", data("data.val_fraction=0.001"), r"val_fraction=0\.001.* give 2 validation images"),
     case("trainer_gpu", config("experiment=digits", "trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),
     case("eval_trainer_gpu", eval_config("trainer=gpu"), r"accelerator=gpu: .*no CUDA GPU.*trainer=cpu", no_gpu=True),
     case("cuda_graphs_keep_convs", config("experiment=digits", "trainer=gpu", "compile=true", "compile_mode=reduce-overhead"), r"compile_mode=reduce-overhead with model\.impl=keep_convs fails on the GPU.*model\.impl=reference.*compile_mode=null"),
@@ -307,7 +326,7 @@ CASES = [
     case("logger_neptune_retired", config("experiment=digits", "logger=neptune"), r"logger=neptune .*Neptune has shut down.*use logger=wandb"),
     case("classify_device_cuda", lambda tmp: resolve_device("cuda"), r"'cuda': .*no CUDA GPU; use cpu", no_gpu=True),
     case("eval_limit_batches_negative", eval_config("limit_batches=-1"), r"^limit_batches=-1 is invalid: expected null, a number of batches"),
-    case("eval_ckpt_neither_name_nor_file", run_dir_with_config("model: {name: gunn_mini}\n", ckpt="middle"), r"^ckpt=middle: neither best, last nor a checkpoint file.*ckpt=<path to a \.ckpt>"),
+    case("eval_ckpt_neither_name_nor_file", run_dir_with_config("model: {name: gunn_mini}\n", ckpt="middle"), r"^ckpt=middle: neither best, last nor a checkpoint file.*eval\.py: ckpt=<that>; .*--ckpt <that>"),
     case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),
     case("run_config_not_a_run", run_dir_with_config("- a\n- list\n"), r"config\.yaml has no model\.name.*Fix"),
     case("plain_weights_as_checkpoint", plain_weights, r"weights\.pt has no 'state_dict'.*plain weights.*pretrained_cfg_overlay=dict\(file="),

@@ -244,3 +244,55 @@ def test_a_run_without_classes_and_preprocessing_rebuilds_them(
     run, recorded = load_run(bare), load_run(run_dir)
     assert run.classes == recorded.classes
     assert run.preprocessing == recorded.preprocessing
+
+
+def test_eval_of_another_runs_checkpoint_keeps_this_runs_own_results(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """eval.py run_dir=A ckpt=<B's last.ckpt> wrote to A/eval/last, over A's own `ckpt=last`."""
+    other = copy_run(run_dir, tmp_path / "other")
+    evaluate(compose_config("eval", f"run_dir={run_dir}", "ckpt=last"))
+    own = run_dir / "eval" / "last" / "results.json"
+    written = own.read_bytes()
+    ckpt = other / "checkpoints" / "last.ckpt"
+    results = evaluate(compose_config("eval", f"run_dir={run_dir}", f"ckpt={ckpt}"))
+    assert own.read_bytes() == written
+    assert Path(results["output_dir"]).parent == run_dir / "eval"
+    assert Path(results["output_dir"]).name.startswith("last_")
+
+
+def test_report_reads_a_run_beside_its_eval_results(run_dir: Path, tmp_path: Path) -> None:
+    """report.py over a run that eval.py evaluated: the eval results.json (one checkpoint, no
+    training record) crashed it with KeyError 'params'."""
+    evaluate(compose_config("eval", f"run_dir={run_dir}"))
+    assert (run_dir / "eval" / "best" / "results.json").is_file()
+    code, out, stderr = run_tool("report.py", str(run_dir), "--no-plot")
+    assert code == 0, stderr
+    assert "gunn_mini" in out
+    code, _, stderr = run_tool("report.py", str(run_dir / "eval" / "best" / "results.json"))
+    assert code == 2 and "is eval.py's result for one checkpoint" in stderr, stderr
+
+
+def test_init_from_a_run_directory_reads_its_best_checkpoint(run_dir: Path) -> None:
+    model = create_model("gunn_mini", num_classes=10)
+    assert init_from_checkpoint(model, run_dir, "gunn_mini") == []
+    trained = load_run(run_dir).model.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], msg=key)
+
+
+def test_an_image_too_large_to_decode_is_skipped_by_name(run_dir: Path, tmp_path: Path) -> None:
+    """PIL refuses images over twice its pixel limit (DecompressionBombError, not an OSError):
+    that one is skipped, the others are classified."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8)).save(folder / "small.png")
+    Image.new("L", (64, 64)).save(folder / "huge.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000  # 64x64 is then over twice the limit
+    try:
+        predictions, skipped = classify_images(load_run(run_dir), list_images([folder]))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert [p.name for p in predictions] == ["small.png"]
+    assert [s.name for s in skipped] == ["huge.png"]

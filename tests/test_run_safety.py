@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -594,3 +595,20 @@ def test_checkpoint_with_non_finite_weights_is_never_written(tmp_path: Path) -> 
         trainer.fit(module, data)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] == 0 and torch.isfinite(ckpt["state_dict"]["layer.weight"]).all()
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(
+    digits_run: tuple[str, Path], tmp_path: Path
+) -> None:
+    """Before: the new run trained, wrote its config and results over the old run's, and its
+    best.ckpt went to best-v1.ckpt, so eval.py read the old run's weights as the new run's."""
+    run_dir = copy_run(digits_run[1], tmp_path / "run")
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    code, stderr = exit_status(
+        lambda: train_here(run_dir, "experiment=digits", "debug=tiny", "model=resnet_mini")
+    )
+    assert code == 2
+    line = stderr.strip().splitlines()[-1]
+    assert re.search(r"already holds a run \(best\.ckpt, last\.ckpt .*ckpt_path=last", line), line
+    after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after == before

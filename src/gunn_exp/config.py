@@ -41,6 +41,25 @@ def _batch_limit(v: Any) -> bool:
     return v is None or (isinstance(v, int) and v > 0) or (isinstance(v, float) and 0 < v <= 1)
 
 
+def _switch(v: Any) -> bool:
+    """A yes/no key: YAML's true/false only. OmegaConf keeps `test=no` as the string "no", which
+    Python's `if` would read as true."""
+    return isinstance(v, bool)
+
+
+def _seed(v: Any) -> bool:
+    """numpy's seed range, which Lightning's seed_everything and sklearn's splits pass it to."""
+    return _non_negative_int(v) and v < 2**32
+
+
+def _milestones(v: Any) -> bool:
+    """Whole epochs: MultiStepLR compares them with its step count, so a fraction (0.5) never
+    matches and the learning rate silently never drops."""
+    if not isinstance(v, Sequence) or isinstance(v, str):
+        return False
+    return all(_non_negative_int(m) for m in v)
+
+
 def _one_of(choices: Callable[[], Sequence[Any]]) -> Callable[[Any], bool]:
     return lambda v: v in choices()
 
@@ -79,7 +98,26 @@ REGISTRY_CHECKS: dict[str, Check] = {
     "model.impl": (_one_of(_impl_names), lambda: f"one of {_impl_names()}"),
 }
 CHECKS: dict[str, Check] = {
-    "seed": (lambda v: v is None or _non_negative_int(v), "null or an integer >= 0"),
+    "seed": (lambda v: v is None or _seed(v), "null or an integer in [0, 2**32)"),
+    "data.split_seed": (_seed, "an integer in [0, 2**32) (fixes the train/val/test split)"),
+    **{
+        key: (_switch, "true or false")
+        for key in (
+            "train",
+            "test",
+            "allow_config_change",
+            "print_config",
+            "channels_last",
+            "compile",
+            "data.download",
+            "data.ten_crop",
+            "data.jigsaw",
+            "data.verify_checksums",
+            "data.on_device",
+            "extras.ignore_warnings",
+            "extras.enforce_tags",
+        )
+    },
     "optimized_metric": (
         _one_of(lambda: METRICS),
         f"a logged metric to minimise, one of {METRICS}",
@@ -132,6 +170,26 @@ CHECKS: dict[str, Check] = {
     "trainer.limit_train_batches": (
         _batch_limit,
         "a number of batches >= 1 or a fraction in (0, 1] (0 would train nothing)",
+    ),
+    "trainer.limit_val_batches": (
+        _batch_limit,
+        "a number of batches >= 1 or a fraction in (0, 1]: validation picks best.ckpt "
+        "(val/err1_best), so 0 cannot run; validate less often with "
+        "trainer.check_val_every_n_epoch",
+    ),
+    "trainer.limit_test_batches": (
+        _batch_limit,
+        "a number of batches >= 1 or a fraction in (0, 1] (0 would test nothing: skip the test "
+        "with test=false)",
+    ),
+    "trainer.max_steps": (
+        lambda v: v is None or v == -1 or _positive_int(v),
+        "-1 (no step limit: trainer.max_epochs decides) or a positive number of steps",
+    ),
+    "scheduler.milestones": (
+        _milestones,
+        "whole epochs (0-based scheduler steps), e.g. [149,224] for drops at epochs 150 and 225 "
+        "of 300; the default computes them from fractions of trainer.max_epochs",
     ),
     "scheduler.T_max": (_positive_int, "a positive number of epochs (the cosine period)"),
     "scheduler.gamma": (_positive_number, "a positive number (the lr factor at each milestone)"),
@@ -318,13 +376,20 @@ def _check_monitors(cfg: DictConfig) -> None:
 
 
 def _check_epochs(cfg: DictConfig) -> None:
-    """Lightning stops at max_epochs whatever min_epochs asks for, without a word."""
+    """Lightning stops at max_epochs whatever min_epochs asks for, and skips validation whose
+    interval is longer than the run, without a word."""
     low = OmegaConf.select(cfg, "trainer.min_epochs")
     high = OmegaConf.select(cfg, "trainer.max_epochs")
     if _non_negative_int(low) and _positive_int(high) and low > high:
         raise ConfigError(
             f"trainer.min_epochs={low} is more than trainer.max_epochs={high}: the run would "
             f"stop at {high}; raise trainer.max_epochs or lower trainer.min_epochs."
+        )
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
+    if _positive_int(every) and _positive_int(high) and every > high:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every} is more than trainer.max_epochs={high}: "
+            f"the run would never validate, so no best.ckpt; lower it to at most {high}."
         )
 
 

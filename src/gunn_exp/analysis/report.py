@@ -16,6 +16,7 @@ from typing import Any
 
 from gunn_exp import rundir
 from gunn_exp.analysis.tables import markdown_table
+from gunn_exp.errors import RunError
 
 Run = dict[str, Any]
 GroupKey = tuple[str, str, int]
@@ -63,10 +64,30 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
         if not matches:
             raise FileNotFoundError(f"report: {path} matches no file or directory.")
         for match in matches:
-            found = sorted(match.rglob(rundir.RESULTS)) if match.is_dir() else [match]
+            if match.is_dir():  # eval.py's results of a run's checkpoints are not runs
+                found = [f for f in sorted(match.rglob(rundir.RESULTS)) if not _is_eval(f)]
+            elif _is_eval(match):
+                raise RunError(
+                    f"report: {match} is eval.py's result for one checkpoint, not a training "
+                    f"run; pass the run directory {match.parents[2]} instead."
+                )
+            else:
+                found = [match]
             files.update((f.resolve(), None) for f in found if f.name == rundir.RESULTS)
     runs = [_load_run(f) for f in files]
     return sorted(runs, key=lambda r: (*group_key(r), _sortable(r.get("seed")), r["run_dir"]))
+
+
+def _is_eval(results_file: Path) -> bool:
+    """eval.py writes <run>/eval/<checkpoint>/results.json (one checkpoint's test errors, no
+    training record) beside the run's own."""
+    if results_file.parent.parent.name != rundir.EVAL:
+        return False
+    try:
+        results = rundir.read_results(results_file)
+    except Exception:  # a damaged file: _load_run names it
+        return False
+    return "checkpoint" in results and "params" not in results
 
 
 def _load_run(results_file: Path) -> Run:

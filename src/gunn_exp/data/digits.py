@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class DigitsDataModule(ImageDataModule):
             )
         if not 0 < train_fraction <= 1:
             raise ValueError(f"data.train_fraction={train_fraction} must be in (0, 1].")
+        _check_split_sizes(val_fraction, test_fraction, train_fraction)
         self.split_seed = split_seed
         self.train_fraction = train_fraction
         self.val_fraction = val_fraction
@@ -82,3 +84,33 @@ class DigitsDataModule(ImageDataModule):
         self.train_set = TensorDataset(images[train], labels[train])
         self.val_set = TensorDataset(images[val], labels[val])
         self.test_set = TensorDataset(images[test], labels[test])
+
+
+IMAGES, CLASSES = 1797, 10  # sklearn's digits
+
+
+def _check_split_sizes(val_fraction: float, test_fraction: float, train_fraction: float) -> None:
+    """A stratified split needs one image of each class on both of its sides: refuse fractions
+    that leave fewer (sklearn would fail during setup, naming neither key nor fix). The sizes
+    follow sklearn's rounding: the `test_size` side is ceil(f * n), a `train_size` side floor."""
+    test = math.ceil(test_fraction * IMAGES)
+    rest = IMAGES - test
+    val = math.ceil(val_fraction / (1 - test_fraction) * rest)
+    train = rest - val
+    kept = math.floor(train_fraction * train) if train_fraction < 1 else train
+    for name, count in (
+        ("test images", test),
+        ("validation images", val),
+        ("training images", kept),
+        (
+            "training images left out by data.train_fraction",
+            train - kept if kept < train else CLASSES,
+        ),
+        ("images left for training", train),
+    ):
+        if count < CLASSES:
+            raise ValueError(
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction} and "
+                f"data.train_fraction={train_fraction} give {count} {name}; a stratified split "
+                f"needs at least {CLASSES} (one per class) of the {IMAGES} digits."
+            )

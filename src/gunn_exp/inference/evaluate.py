@@ -13,6 +13,7 @@ confusion_matrix.csv/.png (rows: true class, columns: predicted) and per_class_e
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "err5": metrics["test/err5"],
         "loss": metrics["test/loss"],
     }
-    out_dir = run.output_dir / rundir.EVAL / _tag(cfg, data_cfg)
+    out_dir = run.output_dir / rundir.EVAL / _tag(cfg, data_cfg, run.checkpoint, run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results["output_dir"] = str(out_dir)
     rundir.write_results(results, out_dir)
@@ -129,9 +130,14 @@ def _data_config(cfg: DictConfig, run_config: DictConfig) -> dict[str, Any]:
     return data
 
 
-def _tag(cfg: DictConfig, data_cfg: dict[str, Any]) -> str:
+def _tag(cfg: DictConfig, data_cfg: dict[str, Any], checkpoint: Path, run_dir: Path) -> str:
+    """The eval folder's name: the checkpoint's (best, last), then what else changes the result.
+    A checkpoint from outside the run gets a digest of its path, so evaluating another run's
+    last.ckpt against this run does not overwrite this run's own `last`."""
     ckpt = cfg.get("ckpt_path") or cfg.ckpt
     tag = ckpt if ckpt in CKPT_NAMES else Path(ckpt).stem
+    if not Path(checkpoint).resolve().is_relative_to(Path(run_dir).resolve()):
+        tag += "_" + hashlib.sha1(str(Path(checkpoint).resolve()).encode()).hexdigest()[:8]
     if cfg.get("data"):
         tag += f"_{data_cfg['name']}"
     if data_cfg.get("ten_crop"):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import UnidentifiedImageError
+from PIL.Image import DecompressionBombError, UnidentifiedImageError
 from torch import Tensor, nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -103,12 +103,16 @@ def find_checkpoint(path: str | Path, ckpt: str = "best") -> tuple[Path, Path | 
                 return checkpoint, path
         raise RunError(
             f"ckpt={ckpt}: neither best, last nor a checkpoint file (looked in the current "
-            f"folder and in {path}); use ckpt=best, ckpt=last or ckpt=<path to a .ckpt>."
+            f"folder and in {path}); use best, last or the path to a .ckpt (eval.py: "
+            f"ckpt=<that>; classify.py, features.py, export.py: --ckpt <that>)."
         )
     checkpoint = rundir.checkpoint_path(path, ckpt)
     if not checkpoint.is_file():
         other = CKPT_NAMES[1 - CKPT_NAMES.index(ckpt)]
-        raise RunError(f"{path} has no checkpoints/{ckpt}.ckpt; use ckpt={other} or ckpt=<path>.")
+        raise RunError(
+            f"{path} has no checkpoints/{ckpt}.ckpt; use {other} or the path to a .ckpt "
+            f"(eval.py: ckpt=<that>; classify.py, features.py, export.py: --ckpt <that>)."
+        )
     return checkpoint, path
 
 
@@ -213,7 +217,7 @@ def image_batches(
     for path, name in images:
         try:
             tensors.append(preprocessing.load(path))
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except (UnidentifiedImageError, DecompressionBombError, OSError, ValueError) as err:
             skipped.append(Skipped(name, f"{type(err).__name__}: {err}"))
             log.warning(f"skipped {name}: cannot read it as an image ({err})")
             continue

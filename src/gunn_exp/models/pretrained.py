@@ -79,7 +79,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if path.is_dir():
         found = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"{path}: no weight file ({', '.join(WEIGHT_FILES)}) in it.")
+            raise FileNotFoundError(
+                f"{path}: no weight file ({', '.join(WEIGHT_FILES)}) in it; give a weight file, "
+                f"a .ckpt, export.py's folder or a run directory with checkpoints/best.ckpt."
+            )
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights {path} do not exist.")

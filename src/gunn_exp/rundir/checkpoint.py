@@ -83,6 +83,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     anything beyond tensors and plain data, or is not a checkpoint of a LightningModule.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a .ckpt file; give a file (a run keeps its "
+            f"best.ckpt and last.ckpt in <run>/checkpoints/)."
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     if path.stat().st_size == 0:  # torch says only "EOFError"

@@ -19,9 +19,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from gunn_exp.errors import CheckpointError
-from gunn_exp.models.pretrained import read_state_dict
+from gunn_exp.models.pretrained import WEIGHT_FILES, read_state_dict
 from gunn_exp.rundir.checkpoint import RunDescription, load_checkpoint, model_state
 from gunn_exp.rundir.configs import run_model_name
+from gunn_exp.rundir.files import BEST, checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,13 @@ def init_from_checkpoint(model: nn.Module, path: str | Path, model_name: str) ->
 
     The classifier is kept when it has the same shape (same number of classes) and left freshly
     initialised otherwise; every other tensor must match. Returns the re-initialised keys.
+    `path` may be a checkpoint, a weight file, export.py's folder, or a run directory (its
+    best.ckpt, as eval.py and classify.py read a run).
     """
+    best = checkpoint_path(path, BEST)
+    weight_files = [Path(path) / f for f in WEIGHT_FILES]
+    if Path(path).is_dir() and not any(f.is_file() for f in weight_files) and best.is_file():
+        path = best
     plain = Path(path).suffix == ".safetensors" or Path(path).is_dir()  # export.py's output
     ckpt = None if plain else load_checkpoint(path)
     state = read_state_dict(path) if ckpt is None else model_state(ckpt, path)

@@ -51,3 +51,22 @@ def check_train_test(cfg: DictConfig) -> None:
             f"train=false would overwrite {results} of a trained run; test into a new directory "
             f"(drop hydra.run.dir) or use eval.py ckpt_path={cfg.ckpt_path}."
         )
+
+
+def refuse_a_second_run(output_dir: Path) -> None:
+    """A fresh run into a directory holding another run's checkpoints would leave that run's
+    best.ckpt in place (Lightning writes best-v1.ckpt beside it) under the new run's config and
+    results, so eval.py, classify.py and export.py would quietly use the old weights."""
+    found = [
+        path.name
+        for path in (
+            rundir.checkpoint_path(output_dir, name) for name in (rundir.BEST, rundir.LAST)
+        )
+        if path.is_file()
+    ]
+    if found:
+        raise ConfigError(
+            f"{output_dir} already holds a run ({', '.join(found)} in {rundir.CHECKPOINTS}/); a "
+            f"fresh run there would mix the two. Resume it with ckpt_path=last (or auto), or "
+            f"train into a new directory (drop hydra.run.dir or give another)."
+        )

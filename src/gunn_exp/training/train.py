@@ -30,7 +30,7 @@ from gunn_exp.training.checkpoints import (
     DescribeCheckpoints,
     ResumeAsInPlace,
 )
-from gunn_exp.training.checks import check_run
+from gunn_exp.training.checks import check_run, refuse_a_second_run
 from gunn_exp.training.console import apply_extras, summary_lines
 from gunn_exp.training.guard import accept_run, run_guard
 from gunn_exp.training.launch import (
@@ -79,6 +79,8 @@ def _train(cfg: DictConfig, output_dir: Path, from_command_line: bool) -> dict[s
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     resuming = ckpt_path is not None and bool(cfg.train)
+    if cfg.train and ckpt_path is None:
+        refuse_a_second_run(output_dir)
 
     datamodule: ImageDataModule = instantiate_config(cfg.data, "data")
     datamodule.check()  # bad data stops here, before the Trainer launches any process
