@@ -387,6 +387,7 @@ def imagenet_tree(tmp: Path) -> Path:
 ENTRY_CASES = [
     ("train_ddp_missing_cifar", "train.py", entry_train("data=cifar10", "model=gunn_mini", "paths.data_dir={tmp}/nothing", "data.download=false", "trainer=ddp_cpu"), "error:", r"not in \S*nothing/cifar-10-batches-py .*Fix"),
     ("train_limit_train_batches_0", "train.py", entry_train("experiment=digits", "trainer.limit_train_batches=0"), "error:", r"limit_train_batches=0 "),
+    ("train_val_check_interval_past_the_epoch", "train.py", entry_train("experiment=digits", "+trainer.val_check_interval=1000"), "error:", r"^error: trainer\.val_check_interval=1000 is more than the \d+ training batches of an epoch: use at most"),
     ("train_bad_jpeg_in_loader", "train.py", lambda tmp: [*entry_train("data=imagenet", "model=gunn_mini", "data.num_classes=2", "data.image_size=16", "data.batch_size=6", "data.check_images=0", "data.num_workers=1")(tmp), f"data.data_dir={imagenet_tree(tmp)}"], "error:", r"error: \S*n01/1\.JPEG cannot be decoded.*Fix"),
     ("train_segments_not_dividing_width", "train.py", entry_train("experiment=digits", "model=custom_gunn", "model.segments=[2,3,5]", "model.widths=[32,48,64]"), "error:", r"^error: model: .*stage 3: width 64 is not divisible by segments 5; .*nearest: 1, 2, 4, 8\)"),
     ("train_data_refuses_fractions", "train.py", entry_train("experiment=digits", "data.val_fraction=2"), "error:", r"^error: data\.val_fraction=2 and data\.test_fraction=0\.2 must be in \(0, 1\).*Fix the data\.\* values"),
