@@ -325,6 +325,7 @@ CASES = [
     case("logger_aim_missing", config("experiment=digits", "logger=aim"), r"logger=aim needs the aim package, .*pip install -e '\.\[aim\]'", needs_missing="aim"),
     case("logger_neptune_retired", config("experiment=digits", "logger=neptune"), r"logger=neptune .*Neptune has shut down.*use logger=wandb"),
     case("classify_device_cuda", lambda tmp: resolve_device("cuda"), r"'cuda': .*no CUDA GPU; use cpu", no_gpu=True),
+    case("classify_device_meta", lambda tmp: resolve_device("meta"), r"'meta': images are classified on cpu, cuda or mps"),
     case("eval_limit_batches_negative", eval_config("limit_batches=-1"), r"^limit_batches=-1 is invalid: expected null, a number of batches"),
     case("eval_ckpt_neither_name_nor_file", run_dir_with_config("model: {name: gunn_mini}\n", ckpt="middle"), r"^ckpt=middle: neither best, last nor a checkpoint file.*eval\.py: ckpt=<that>; .*--ckpt <that>"),
     case("corrupt_run_config", run_dir_with_config("model: {name: gunn_mini\n  bad: [\n"), r"config\.yaml is not valid YAML .*Fix: restore"),

@@ -105,6 +105,15 @@ def test_runs_of_different_lengths_are_not_averaged(tmp_path: Path) -> None:
     assert len(results_table(load_runs([tmp_path])).splitlines()) == 2 + 2  # header + 2 rows
 
 
+def test_a_mean_over_fewer_runs_than_the_group_says_how_many(tmp_path: Path) -> None:
+    """One of two seeds trained with test=false: the test mean is that of one run, not two."""
+    fake_run(tmp_path / "a", "gunn15", "cifar10", 0, 4.0)
+    fake_run(tmp_path / "b", "gunn15", "cifar10", 1, 6.0, test_err1=None, test_err5=None)
+    row = results_table(load_runs([tmp_path])).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "2" and cells[5] == "4.00 (n=1)" and cells[6] == "4.00 ± 1.41"
+
+
 def test_convergence_table_and_mean_curves(sweep: Path) -> None:
     runs = [r for r in load_runs([sweep]) if r["model"] == "gunn15"]
     table = convergence_table(runs, fractions=(0.5, 1.0))

@@ -143,12 +143,15 @@ def mean_std(values: Iterable[float | None]) -> tuple[float, float | None, int] 
 
 
 def fmt_stat(values: Iterable[float | None], digits: int = 2) -> str:
-    """`4.21 ± 0.13` (or `4.21` for one run, `—` for none)."""
+    """`4.21 ± 0.13` (or `4.21` for one run, `—` for none); `(n=k)` follows when only k of the
+    group's runs have the value (e.g. a run trained with test=false has no test error)."""
+    values = list(values)
     stat = mean_std(values)
     if stat is None:
         return "—"
-    mean, std, _ = stat
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    mean, std, n = stat
+    text = f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return text if n == len(values) else f"{text} (n={n})"
 
 
 def results_table(runs: Sequence[Run]) -> str:

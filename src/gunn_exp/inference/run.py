@@ -156,6 +156,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         ) from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"device {device!r}: this machine has no CUDA GPU; use cpu or auto.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"device {device!r}: this machine has no Apple GPU; use cpu or auto.")
+    if resolved.type not in ("cpu", "cuda", "mps"):  # meta holds no data; xpu, ... untested
+        raise RunError(f"device {device!r}: images are classified on cpu, cuda or mps (or auto).")
     return resolved
 
 
