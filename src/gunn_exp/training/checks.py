@@ -5,8 +5,6 @@ refusal is one ConfigError naming the value and the fix."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -75,19 +73,16 @@ def refuse_a_second_run(output_dir: Path) -> None:
         )
 
 
-@contextmanager
-def checks_that_need_the_data(cfg: DictConfig) -> Iterator[None]:
+def lightning_config_error(err: BaseException) -> ConfigError | None:
     """Values Lightning can check only once it knows the epoch's length (when fit starts): its
-    ValueError, a traceback naming a key our configs spell otherwise, becomes one line here."""
-    try:
-        yield
-    except ValueError as err:
-        found = re.search(r"`val_check_interval` \((\d+)\).*training batches \((\d+)\)", str(err))
-        if found is None:
-            raise
-        value, batches = found.groups()
-        raise ConfigError(
-            f"trainer.val_check_interval={value} is more than the {batches} training batches of "
-            f"an epoch: use at most {batches}, a fraction of the epoch in (0, 1], or count "
-            f"batches across epochs with trainer.check_val_every_n_epoch=null."
-        ) from err
+    ValueError, a traceback naming a key our configs spell otherwise, as one line; None for any
+    other error."""
+    found = re.search(r"`val_check_interval` \((\d+)\).*training batches \((\d+)\)", str(err))
+    if not isinstance(err, ValueError) or found is None:
+        return None
+    value, batches = found.groups()
+    return ConfigError(
+        f"trainer.val_check_interval={value} is more than the {batches} training batches of "
+        f"an epoch: use at most {batches}, a fraction of the epoch in (0, 1], or count "
+        f"batches across epochs with trainer.check_val_every_n_epoch=null."
+    )

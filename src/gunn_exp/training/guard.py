@@ -1,7 +1,8 @@
 """What surrounds a run's work, as lightning-hydra-template's `task_wrapper`: the run directory's
-lock, one line for a full disk wherever the write failed (the lock's own file included), the
-wandb run closed either way, and the run's records (Hydra's `.hydra/`, the log file) written only
-once the run is accepted, so a refused run leaves its run directory as it was."""
+lock, one line for a full disk wherever the write failed (the lock's own file included) and for
+a config value Lightning refuses only once fit starts, the wandb run closed either way, and the
+run's records (Hydra's `.hydra/`, the log file) written only once the run is accepted, so a
+refused run leaves its run directory as it was."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gunn_exp.rundir.checkpoint import checkpoint_position
 from gunn_exp.rundir.configs import save_hydra_record
 from gunn_exp.rundir.lock import RunLock
 from gunn_exp.rundir.runlog import release_held_lines
+from gunn_exp.training.checks import lightning_config_error
 from gunn_exp.training.loggers import finish_wandb_run
 
 
@@ -34,6 +36,8 @@ def run_guard(output_dir: Path) -> Iterator[None]:
             yield
         failed = False
     except Exception as err:  # a full disk, wherever the write was (ours or a library's)
+        if (config_error := lightning_config_error(err)) is not None:
+            raise config_error from err
         cause = rundir.out_of_space(err)
         if cause is None:
             raise

@@ -30,7 +30,7 @@ from gunn_exp.training.checkpoints import (
     DescribeCheckpoints,
     ResumeAsInPlace,
 )
-from gunn_exp.training.checks import check_run, checks_that_need_the_data, refuse_a_second_run
+from gunn_exp.training.checks import check_run, refuse_a_second_run
 from gunn_exp.training.console import apply_extras, summary_lines
 from gunn_exp.training.guard import accept_run, run_guard
 from gunn_exp.training.launch import (
@@ -105,8 +105,7 @@ def _train(cfg: DictConfig, output_dir: Path, from_command_line: bool) -> dict[s
 
     start = time.perf_counter()
     if cfg.train:
-        with checks_that_need_the_data(cfg):
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall_time = time.perf_counter() - start
     # The last epoch's values (trainer.test starts a new set); the resumed checkpoint's when fit
     # ran no epoch (a run killed during its final test, resumed).
