@@ -68,6 +68,36 @@ def test_every_paper_model_and_twin_is_registered() -> None:
     assert paper | twins | {"gunn", "gunn_mini", "resnet18_cifar"} <= set(list_models())
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"filter": "*sunn1*"}, ["sunn15", "sunn18", "wide_sunn18"]),
+        ({"filter": ["resnet*", "gunn_*"]}, ["gunn_mini", "resnet18_cifar", "resnet_mini"]),
+        ({"filter": "gunn*", "exclude_filters": ["*mini", "gunn"]}, ["gunn15", "gunn18", "gunn24"]),
+        ({"module": "resnet_cifar"}, ["resnet18_cifar", "resnet_mini"]),
+        ({"filter": "gunn1*", "include_tags": True},
+         ["gunn15.cifar10", "gunn15.cifar100", "gunn18.in1k"]),
+        ({"pretrained": True}, []),  # no weights are published for these models
+    ],
+)  # fmt: skip
+def test_list_models_filters_as_timm(kwargs: dict, expected: list[str]) -> None:
+    assert list_models(**kwargs) == expected
+
+
+def test_list_models_pretrained_lists_a_model_with_a_weight_source(monkeypatch) -> None:
+    from gunn_exp.models import registry
+
+    with_file = {tag: dict(cfg) for tag, cfg in registry._CFGS["gunn_mini"].items()}
+    with_file["cifar10"]["file"] = "weights/gunn_mini.safetensors"
+    monkeypatch.setitem(registry._CFGS, "gunn_mini", with_file)
+    assert list_models(pretrained=True) == ["gunn_mini.cifar10"]
+
+
+def test_generic_gunn_without_an_architecture_says_what_it_needs() -> None:
+    with pytest.raises(TypeError, match=r"needs widths and segments.*create_model\('gunn15'\)"):
+        create_model("gunn")
+
+
 def test_forward_shape_and_backward_reaches_every_parameter(
     registered: tuple[str, nn.Module],
 ) -> None:

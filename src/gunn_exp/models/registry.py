@@ -16,14 +16,17 @@ own builder).
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 Builder = Callable[..., Any]  # architecture function: model options -> model
 _ARCHS: dict[str, Builder] = {}  # name -> architecture function
 _CFGS: dict[str, dict[str, dict]] = {}  # name -> tag -> pretrained cfg; the first tag is default
+# The pretrained cfg keys that say where weights are (timm's names).
+WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
 
 # timm options these models cannot honour, refused unless left at their no-op value.
 UNSUPPORTED = {
@@ -76,9 +79,41 @@ def build_fixed(
     return model_cls(**architecture, **options)
 
 
-def list_models() -> list[str]:
-    """Registered model names (without pretrained tags), sorted."""
-    return sorted(_ARCHS)
+def list_models(
+    filter: str | Sequence[str] = "",
+    module: str = "",
+    pretrained: bool = False,
+    exclude_filters: str | Sequence[str] = "",
+    include_tags: bool | None = None,
+) -> list[str]:
+    """Registered model names, sorted, with timm's `list_models` arguments.
+
+    `filter` and `exclude_filters`: shell-style wildcards (`"gunn*"`, `["*sunn*"]`), one or a
+    list; a name is kept when it matches any filter and no exclude filter. `module`: only the
+    models registered by that file (`"zoo"`, `"resnet_cifar"`). `include_tags`: list
+    "arch.tag" names (`gunn15.cifar100`); by default only when `pretrained`. `pretrained`: only
+    the cfgs that name a weight source; none is published for these models (see
+    models/pretrained.py), so this lists nothing unless a model registers weights.
+    """
+    include_tags = pretrained if include_tags is None else include_tags
+    keep = [filter] if isinstance(filter, str) else list(filter)
+    drop = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    names = []
+    for arch in _ARCHS:
+        if module and _ARCHS[arch].__module__.rpartition(".")[2] != module:
+            continue
+        for tag, cfg in _CFGS[arch].items():
+            if pretrained and not any(cfg.get(source) for source in WEIGHT_SOURCES):
+                continue
+            names.append(f"{arch}.{tag}" if include_tags and tag else arch)
+    return sorted(
+        {
+            name
+            for name in names
+            if (not any(keep) or any(fnmatch.fnmatchcase(name, f) for f in keep if f))
+            and not any(fnmatch.fnmatchcase(name, f) for f in drop if f)
+        }
+    )
 
 
 def pretrained_cfgs(name: str) -> dict[str, dict]:

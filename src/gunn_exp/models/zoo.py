@@ -99,6 +99,13 @@ def gunn(**options: Any) -> Gunn:
 
     Its default pretrained cfg is CIFAR-10's; use the tag `gunn.in1k` for an ImageNet layout.
     """
+    missing = [key for key in ("widths", "segments") if key not in options]
+    if missing:
+        raise TypeError(
+            f"create_model('gunn') builds the architecture you give: it needs "
+            f"{' and '.join(missing)} (e.g. create_model('gunn', widths=(32, 48, 64), "
+            f"segments=(2, 3, 4)), or model=custom_gunn); for a paper model use its name, e.g. create_model('gunn15')."
+        )
     return Gunn(**options)
 
 
