@@ -104,7 +104,8 @@ def gunn(**options: Any) -> Gunn:
         raise TypeError(
             f"create_model('gunn') builds the architecture you give: it needs "
             f"{' and '.join(missing)} (e.g. create_model('gunn', widths=(32, 48, 64), "
-            f"segments=(2, 3, 4)), or model=custom_gunn); for a paper model use its name, e.g. create_model('gunn15')."
+            f"segments=(2, 3, 4)), or model=custom_gunn); for a paper model use its name, "
+            f"e.g. create_model('gunn15')."
         )
     return Gunn(**options)
 
