@@ -78,10 +78,15 @@ def test_train_then_eval_by_checkpoint_path(digits_run, tmp_path: Path) -> None:
     run_dir = copy_run(digits_run[1], tmp_path / "run")
     last = rundir.checkpoint_path(run_dir, rundir.LAST)
     # No run_dir: found from the checkpoint's place. The 2 test batches debug=tiny tested.
-    proc = run_entry("eval.py", f"ckpt_path={last}", "limit_batches=2")
+    # With the template's eval.yaml keys as its users type them.
+    template_keys = ("task_name=eval_check", "tags=[cifar,recheck]", "seed=3",
+                     "extras.print_config=true", "extras.ignore_warnings=true")  # fmt: skip
+    proc = run_entry("eval.py", f"ckpt_path={last}", "limit_batches=2", *template_keys)
     assert "top-1 error" in proc.stdout + proc.stderr
+    assert "ckpt_path" in proc.stdout and "tags" in proc.stdout  # the config tree
     evaluated = json.loads((run_dir / "eval" / "last_first2" / rundir.RESULTS).read_text())
     assert evaluated["checkpoint"] == str(last) and evaluated["run_dir"] == str(run_dir)
+    assert (evaluated["task_name"], evaluated["tags"]) == ("eval_check", ["cifar", "recheck"])
     assert evaluated["images"] == 128 and evaluated["epoch"] == 2  # 2 batches of 64, epoch 2
     # last.ckpt holds the final weights, which train.py tested on the same test batches.
     trained = results(run_dir)
@@ -178,6 +183,8 @@ def test_template_conftest_config_trains_then_evaluates(tmp_path: Path) -> None:
     assert "last.ckpt" in [p.name for p in (tmp_path / "checkpoints").iterdir()]
     cfg_eval = template_compose("eval", tmp_path / "eval", "ckpt_path=.")
     with open_dict(cfg_eval):
+        cfg_eval.extras.print_config = False  # as the template's cfg_eval fixture sets them
+        cfg_eval.extras.enforce_tags = False
         cfg_eval.trainer.limit_test_batches = 2  # the 2 test batches debug=tiny tested
         cfg_eval.ckpt_path = str(tmp_path / "checkpoints" / "last.ckpt")
     evaluated = evaluate(cfg_eval)

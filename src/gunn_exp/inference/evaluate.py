@@ -26,6 +26,7 @@ from gunn_exp import rundir
 from gunn_exp.config import validate_config, without_hydra
 from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import ConfigError, instantiate_config
+from gunn_exp.extras import apply_extras
 from gunn_exp.inference.run import CKPT_NAMES, load_run
 from gunn_exp.rundir.build import build_datamodule
 from gunn_exp.rundir.confusion import confusion_figure
@@ -33,11 +34,17 @@ from gunn_exp.task import ClassificationModule
 
 log = logging.getLogger(__name__)
 
+# The config tree shown at the start (extras.print_config).
+EVAL_TREE = ("run_dir", "ckpt", "ckpt_path", "data", "trainer", "seed", "tags")
+
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` of run `cfg.run_dir` on the test split; return and write the results."""
     cfg = without_hydra(cfg)
     validate_config(cfg)
+    apply_extras(cfg, EVAL_TREE)
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, workers=True)
     run = load_run(*_run_and_checkpoint(cfg))  # on the CPU: the Trainer moves it
     data_cfg = _data_config(cfg, run.config)
     validate_config(OmegaConf.create({"data": data_cfg}))
@@ -77,6 +84,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "ten_crop": bool(data_cfg.get("ten_crop", False)),
         "ten_crop_reduce": cfg.ten_crop_reduce if data_cfg.get("ten_crop") else None,
         "limit_batches": cfg.limit_batches,
+        "task_name": cfg.task_name,
+        "tags": list(cfg.tags or []),
         "images": int(confusion.sum()),
         "err1": metrics["test/err1"],
         "err5": metrics["test/err5"],

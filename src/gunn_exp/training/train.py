@@ -21,6 +21,7 @@ from gunn_exp import rundir
 from gunn_exp.config import without_hydra
 from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import instantiate_config, refusing
+from gunn_exp.extras import apply_extras
 from gunn_exp.rundir.checkpoint import load_checkpoint
 from gunn_exp.rundir.configs import save_config
 from gunn_exp.rundir.weights import init_from_checkpoint, load_weights
@@ -31,7 +32,7 @@ from gunn_exp.training.checkpoints import (
     ResumeAsInPlace,
 )
 from gunn_exp.training.checks import check_run, refuse_a_second_run
-from gunn_exp.training.console import apply_extras, summary_lines
+from gunn_exp.training.console import summary_lines
 from gunn_exp.training.guard import accept_run, run_guard
 from gunn_exp.training.launch import (
     check_rank_run_dirs,
@@ -52,6 +53,9 @@ from gunn_exp.training.resume import (
 
 log = logging.getLogger(__name__)
 
+# The config tree shown at the start (extras.print_config).
+CONFIG_TREE = ("data", "model", "optimizer", "scheduler", "trainer", "seed")
+
 
 def train(cfg: DictConfig, from_command_line: bool = False) -> dict[str, Any]:
     """Fit `cfg.model` on `cfg.data`, test the final weights, return (and save) the results.
@@ -66,7 +70,7 @@ def train(cfg: DictConfig, from_command_line: bool = False) -> dict[str, Any]:
     """
     cfg = with_script_ranks(without_hydra(cfg))
     check_run(cfg)
-    apply_extras(cfg)
+    apply_extras(cfg, CONFIG_TREE)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.ckpt_path == "auto" and (finished := finished_results(cfg, output_dir)) is not None:
         return finished
