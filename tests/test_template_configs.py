@@ -26,7 +26,6 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.profilers import SimpleProfiler
 
 from gunn_exp.config import validate_config
-from gunn_exp.training.callbacks import EpochSummary
 from gunn_exp.training.schedules import register_resolvers
 
 register_resolvers()
@@ -76,7 +75,6 @@ def test_default_callbacks_keep_best_checkpoint_by_val_error() -> None:
         "best",
     )
     assert any(isinstance(c, TQDMProgressBar) for c in callbacks)
-    assert any(isinstance(c, EpochSummary) for c in callbacks)
     (stop,) = callbacks_of(compose_train("callbacks=early_stopping"))
     assert isinstance(stop, EarlyStopping) and (stop.monitor, stop.mode) == ("val/err1", "min")
 

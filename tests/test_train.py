@@ -50,8 +50,9 @@ def test_digits_run_writes_the_run_directory(digits_run) -> None:
 
 
 def test_results_do_not_depend_on_the_callbacks(tmp_path: Path) -> None:
-    """callbacks=none (no EpochSummary, no ModelCheckpoint) still reports the best validation
-    error: the module tracks it (val/err1_best), and the sweeper's objective is that metric."""
+    """callbacks=none (no ModelCheckpoint) still reports the best validation error: the module
+    tracks it (val/err1_best), and the sweeper's objective is that metric. The per-epoch record
+    is the run's, not a callback's: metrics.csv and curves.png are written all the same."""
     cfg = compose_train(
         "experiment=digits", *TINY, "callbacks=none", "print_config=false", output_dir=tmp_path
     )
@@ -62,6 +63,10 @@ def test_results_do_not_depend_on_the_callbacks(tmp_path: Path) -> None:
     assert results["best_val_epoch"] in (1, 2)
     assert results["metrics"][cfg.optimized_metric] == pytest.approx(best)
     assert json.loads((tmp_path / "results.json").read_text())["best_val_err1"] == best
+    rows = read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[-1]["val/err1"]) == pytest.approx(final)
+    assert (tmp_path / "curves.png").is_file()
 
 
 def test_seeded_cpu_runs_are_reproducible(tmp_path: Path) -> None:

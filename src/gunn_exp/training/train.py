@@ -26,6 +26,7 @@ from gunn_exp.rundir.checkpoint import load_checkpoint
 from gunn_exp.rundir.configs import save_config
 from gunn_exp.rundir.weights import init_from_checkpoint, load_weights
 from gunn_exp.task import ClassificationModule
+from gunn_exp.training.callbacks import EpochSummary
 from gunn_exp.training.checkpoints import (
     AtomicCheckpointIO,
     DescribeCheckpoints,
@@ -217,9 +218,14 @@ def build_module(cfg: DictConfig, model: nn.Module) -> ClassificationModule:
 def build_trainer(
     cfg: DictConfig, output_dir: Path, resumed_schedule: bool, resume_as_in_place: ResumeAsInPlace
 ) -> tuple[pl.Trainer, list[Any]]:
-    """The Trainer with the config's callbacks and loggers, plus what every run has: checkpoints
-    that describe the run, written atomically, read safely and resumed as in place."""
-    callbacks = [
+    """The Trainer with the config's callbacks and loggers, plus what every run has whatever its
+    callbacks (`callbacks=none` included): the per-epoch record (metrics.csv, curves.png; first,
+    so its epoch time leaves out the probes of callbacks listed after it) and checkpoints that
+    describe the run, written atomically, read safely and resumed as in place."""
+    record = EpochSummary(
+        str(output_dir), title=f"{cfg.model.name} on {cfg.data.name}, seed {cfg.seed}"
+    )
+    callbacks = [record] + [
         instantiate_config(conf, f"callbacks.{name}")
         for name, conf in (cfg.callbacks or {}).items()
         if conf and "_target_" in conf
