@@ -1,5 +1,7 @@
 """Train a model: `python train.py model=gunn15 data=cifar10` (see conf/train.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -21,4 +23,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    cli.refuse_template_keys(sys.argv[1:])
     main()

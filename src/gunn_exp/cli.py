@@ -14,11 +14,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gunn_exp.errors import exit_code, one_line
+from gunn_exp.errors import ConfigError, exit_code, one_line
 
 # Warnings that libraries raise about each other, which no user of ours can act on: Lightning
 # 2.6 uses a pytree class that torch 2.14 deprecated, and says so at every loop start.
 LIBRARY_NOISE = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+# lightning-hydra-template's train.yaml keys that this suite spells otherwise: (theirs, ours,
+# why). The template nests the optimizer, the scheduler and the network inside its `model`
+# config (the LightningModule's); here each is its own group and `model` is the network.
+TEMPLATE_KEYS = (
+    ("model.optimizer", "optimizer", "the optimizer is its own group: optimizer=sgd|adamw"),
+    ("model.scheduler", "scheduler", "the scheduler is its own group: scheduler=multistep|cosine"),
+    ("model.net", "model", "the model group is the network itself: model=gunn15, model.drop_rate"),
+    ("model.compile", "compile", "torch.compile is a top-level switch"),
+)
 
 
 def prepare(script: str, log_info: bool = False) -> None:
@@ -50,6 +60,21 @@ def exits_on_error() -> Iterator[None]:
             raise
         print(one_line(err), file=sys.stderr)
         sys.exit(code)
+
+
+def refuse_template_keys(overrides: list[str]) -> None:
+    """train.py's command line, before Hydra composes it: a key spelled as in
+    lightning-hydra-template (TEMPLATE_KEYS) gets one line naming this suite's key, where Hydra
+    would say only that the key is not in the config."""
+    with exits_on_error():
+        for override in overrides:
+            key = override.partition("=")[0].lstrip("+~")
+            for theirs, ours, why in TEMPLATE_KEYS:
+                if key == theirs or key.startswith(theirs + "."):
+                    raise ConfigError(
+                        f"{key}: here it is {ours + key[len(theirs) :]} ({why}; "
+                        f"lightning-hydra-template nests it under model)."
+                    )
 
 
 def run(main: Callable[[], int]) -> int:
