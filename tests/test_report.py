@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,38 @@ def test_gunnified_and_data_fraction_runs_are_their_own_groups(tmp_path: Path) -
         ("resnet_mini+gunnify(K=4,gradual,exact)", "digits"),
         ("resnet_mini+gunnify(K=4,simultaneous,exact)", "digits"),
     ]
+
+
+def test_a_grid_over_lr_and_seeds_is_one_group_per_lr(tmp_path: Path) -> None:
+    """`hparams_search=lr_seed_grid`, from the command line and shrunk: each learning rate is a
+    group over its seeds, labelled with the lr; what differs between the jobs anyway (seed, run
+    directory, checkpoint paths) splits nothing, and nor does a speed-only key (num_workers)."""
+    sweep = tmp_path / "grid"
+    run_entry(
+        "train.py", "-m", "experiment=digits", "debug=tiny", "trainer.max_epochs=1",
+        "optimizer.lr=0.05,0.1", "seed=0,1", "print_config=false", f"hydra.sweep.dir={sweep}",
+        timeout=600,
+    )  # fmt: skip
+    extra = sweep / "4_gunn_mini_digits"  # job 3 again, as if run later with 4 workers, seed 2
+    shutil.copytree(sweep / "3_gunn_mini_digits", extra)
+    config = OmegaConf.load(extra / "config.yaml")
+    config.data.num_workers, config.seed = 4, 2
+    OmegaConf.save(config, extra / "config.yaml")
+    results = json.loads((extra / "results.json").read_text())
+    (extra / "results.json").write_text(json.dumps({**results, "seed": 2}))
+    runs = load_runs([sweep])
+    groups = {}
+    for run in runs:
+        groups.setdefault(group_key(run)[0], []).append(run["seed"])
+    assert groups == {
+        "gunn_mini [optimizer.lr=0.05]": [0, 1],
+        "gunn_mini [optimizer.lr=0.1]": [0, 1, 2],
+    }
+    table = (sweep / "summary.md").read_text()  # the sweep's own summary, 4 jobs
+    assert "| gunn_mini [optimizer.lr=0.05] | digits | 1 | 2 |" in table
+    assert "| gunn_mini [optimizer.lr=0.1] | digits | 1 | 2 |" in table
+    with (sweep / "summary.csv").open() as f:
+        assert {row["settings"] for row in csv.DictReader(f)} == {
+            "optimizer.lr=0.05",
+            "optimizer.lr=0.1",
+        }

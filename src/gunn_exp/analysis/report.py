@@ -2,7 +2,9 @@
 
 A run is the `results.json` a finished `train.py` run writes (see gunn_exp.training.train), plus
 its per-epoch `metrics.csv` when present. Runs of the same model, data and length are one group (a
-sweep over seeds): the tables give mean ± sample std over the group and its size n.
+sweep over seeds): the tables give mean ± sample std over the group and its size n. Runs that
+differ in a setting beyond the seed (read from their config.yaml: a learning rate of an
+`lr_seed_grid` sweep, a drop rate) are groups of their own, labelled with what differs.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from gunn_exp import rundir
 from gunn_exp.analysis.tables import markdown_table
 from gunn_exp.errors import RunError
+from gunn_exp.rundir.configs import read_config
 
 Run = dict[str, Any]
 GroupKey = tuple[str, str, int]
@@ -31,10 +36,25 @@ PAPER: dict[tuple[str, str], dict[str, float]] = {
     ("wide_gunn18", "imagenet"): {"err1": 20.59, "err5": 5.52},
 }
 
+# Config keys (and everything under them) that do not change what a run measures, so runs that
+# differ only in these are one group: the seeds (a group is over them), where a run lives, is
+# resumed from or logged to, and how fast it computes. Any other difference splits a group.
+NOT_SETTINGS = (
+    "seed", "data.split_seed", "ckpt_path", "init_from", "paths", "hydra", "callbacks", "logger",
+    "tags", "task_name", "print_config", "extras", "train", "test", "allow_config_change",
+    "optimized_metric", "compile", "compile_mode", "channels_last", "model.impl",
+    "data.data_dir", "data.num_workers", "data.pin_memory", "data.download", "data.on_device",
+    "data.persistent_workers", "data.prefetch_factor", "data.check_images", "trainer.max_epochs",
+    "trainer.default_root_dir", "trainer.devices", "trainer.accelerator", "trainer.strategy",
+    "trainer.num_nodes", "trainer.deterministic", "trainer.benchmark",
+    "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+)  # fmt: skip
+
 # Per-run columns of the CSV summary, in order.
 RUN_FIELDS = (
-    "model", "data", "seed", "epochs", "params", "test_err1", "test_err5", "best_val_err1",
-    "best_val_err5", "best_val_epoch", "final_val_err1", "final_val_err5", "wall_time_s", "run_dir",
+    "model", "data", "settings", "seed", "epochs", "params", "test_err1", "test_err5",
+    "best_val_err1", "best_val_err5", "best_val_epoch", "final_val_err1", "final_val_err5",
+    "wall_time_s", "run_dir",
 )  # fmt: skip
 
 TABLE_NOTE = (
@@ -75,7 +95,46 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
                 found = [match]
             files.update((f.resolve(), None) for f in found if f.name == rundir.RESULTS)
     runs = [_load_run(f) for f in files]
+    _label_settings(runs)
     return sorted(runs, key=lambda r: (*group_key(r), _sortable(r.get("seed")), r["run_dir"]))
+
+
+def _label_settings(runs: Sequence[Run]) -> None:
+    """Give each run `settings`: the config values (outside NOT_SETTINGS) in which the runs of
+    its model, data and length differ, e.g. `optimizer.lr=0.05`; "" where they agree. Runs
+    without a readable config.yaml are left as one group."""
+    base: dict[GroupKey, list[Run]] = {}
+    for run in runs:
+        run["settings"] = ""
+        if run["config"] is not None:
+            base.setdefault(group_key(run), []).append(run)
+    for group in base.values():
+        keys = sorted({k for run in group for k in run["config"]})
+        varying = [k for k in keys if len({repr(r["config"].get(k)) for r in group}) > 1]
+        for run in group:
+            run["settings"] = ", ".join(f"{k}={run['config'].get(k)}" for k in varying)
+
+
+def _flat_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The run's config as dotted keys (lists as values), NOT_SETTINGS left out; None without
+    a readable config.yaml."""
+    try:
+        config = OmegaConf.to_container(read_config(run_dir), resolve=False)
+    except (RunError, OSError):
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix and any(prefix == k or prefix.startswith(k + ".") for k in NOT_SETTINGS):
+            return
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = node
+
+    walk(config, "")
+    return flat
 
 
 def _is_eval(results_file: Path) -> bool:
@@ -94,6 +153,7 @@ def _load_run(results_file: Path) -> Run:
     run = rundir.read_results(results_file)
     run["run_dir"] = str(results_file.parent)
     run["curve"] = rundir.read_metrics(results_file.parent / rundir.METRICS)
+    run["config"] = _flat_settings(results_file.parent)
     # The authors printed top-5 at the best top-1 epoch; results.json keeps only top-1's best.
     best = [r for r in run["curve"] if r.get("epoch") == run.get("best_val_epoch")]
     run["best_val_err5"] = best[0].get("val/err5") if best else None
@@ -105,12 +165,19 @@ def _sortable(value: Any) -> tuple[bool, Any]:
 
 
 def group_key(run: Mapping[str, Any]) -> GroupKey:
-    """Runs that differ only in their seed: same model (and gunnify options), data (and training
-    fraction) and number of epochs."""
+    """Runs that differ only in their seed: same model (gunnify options and other settings),
+    data (and training fraction) and number of epochs."""
     return model_label(run), data_label(run), int(run.get("epochs") or 0)
 
 
 def model_label(run: Mapping[str, Any]) -> str:
+    """The model (`architecture`), then the settings its group differs in, e.g.
+    `gunn15 [optimizer.lr=0.05]`."""
+    settings = run.get("settings")
+    return f"{architecture(run)} [{settings}]" if settings else architecture(run)
+
+
+def architecture(run: Mapping[str, Any]) -> str:
     """The model's name, with its gunnify options when it was gunnified (models/gunnify.py)."""
     options = run.get("gunnify")
     if not options:
@@ -162,7 +229,7 @@ def results_table(runs: Sequence[Run]) -> str:
     )  # fmt: skip
     rows = []
     for (model, data, epochs), group in group_runs(runs).items():
-        paper = PAPER.get((model, data), {})
+        paper = PAPER.get((architecture(group[0]), data), {})
         rows.append(
             (
                 model,
