@@ -94,8 +94,12 @@ def test_classifier_api(registered: tuple[str, nn.Module]) -> None:
     assert model(x).shape[:2] == (2, model.num_features) and model(x).ndim == 4
     with pytest.raises(ValueError, match="global_pool='' .* needs num_classes=0, got num_clas"):
         model.reset_classifier(3)
-    with pytest.raises(ValueError, match="global_pool='avgmax' is not supported"):
-        model.reset_classifier(3, global_pool="avgmax")
+    with pytest.raises(ValueError, match="global_pool='catavgmax' is not supported"):
+        model.reset_classifier(3, global_pool="catavgmax")
+    model.reset_classifier(3, global_pool="avgmax")  # timm's mean of average and max pooling
+    features = model.forward_features(x)
+    expected = 0.5 * (features.mean((2, 3)) + features.amax((2, 3)))
+    torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected)
 
 
 def test_feature_taps(registered: tuple[str, nn.Module]) -> None:

@@ -57,12 +57,13 @@ def init_weights(model: nn.Module, zero_init_last: bool = False) -> None:
 
 
 class GlobalPool(nn.Module):
-    """Global pooling to one vector per image ("avg", "max"), or none ("": the feature map).
+    """Global pooling to one vector per image ("avg", "max", "avgmax": their mean, as timm's), or
+    none ("": the feature map). timm's "catavgmax" (twice the width) is not offered.
 
     `pool_type` is where timm reads a model's pooling (save_for_hf, reset_classifier).
     """
 
-    TYPES = ("avg", "max", "")
+    TYPES = ("avg", "max", "avgmax", "")
 
     def __init__(self, pool_type: str = "avg") -> None:
         super().__init__()
@@ -77,6 +78,8 @@ class GlobalPool(nn.Module):
             return F.adaptive_avg_pool2d(x, 1).flatten(1)
         if self.pool_type == "max":
             return F.adaptive_max_pool2d(x, 1).flatten(1)
+        if self.pool_type == "avgmax":
+            return 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)).flatten(1)
         return x
 
     def extra_repr(self) -> str:
@@ -149,7 +152,7 @@ class ImageClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier by a freshly initialised one (0: none, return the features);
-        `global_pool` ("avg", "max", "": none) replaces the pooling too when given."""
+        `global_pool` ("avg", "max", "avgmax", "": none) replaces the pooling too when given."""
         if num_classes < 0:
             raise ValueError(
                 f"num_classes={num_classes} must be >= 0 (0: no classifier, the pooled features "
