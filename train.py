@@ -13,7 +13,7 @@ cli.prepare(__file__)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with cli.exits_on_error():
+    with cli.exits_on_error(sweep_job=True):
         validate_config(cfg, registry=False)  # a config error in seconds, before torch loads
         from gunn_exp.training.train import train
 

@@ -612,3 +612,23 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(
     assert re.search(r"already holds a run \(best\.ckpt, last\.ckpt .*ckpt_path=last", line), line
     after = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    """With Hydra's basic launcher, a job refused with an `error:` line used to end the whole
+    process (sys.exit inside the sweep): the jobs after it never ran and no summary was written.
+    Now the job fails alone, the next one trains, the summary names the failed job, and the
+    sweep ends with Hydra's report of the failure (exit status 1)."""
+    sweep = tmp_path / "sweep"
+    proc = run_entry(
+        "train.py", "-m", *TINY, "trainer.max_epochs=1", "data.val_fraction=2,0.15",
+        f"hydra.sweep.dir={sweep}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert error_lines(proc.stderr)[0].startswith("error: data.val_fraction=2 ")
+    assert "Error executing job with overrides: [" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (sweep / "0_gunn_mini_digits" / rundir.RESULTS).exists()
+    assert rundir.read_results(sweep / "1_gunn_mini_digits" / rundir.RESULTS)["epochs"] == 1
+    summary = (sweep / "summary.md").read_text()
+    assert "1 of 2 jobs finished" in summary
+    assert "No results.json (failed or unfinished): 0_gunn_mini_digits." in summary

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gunn_exp.errors import ConfigError, exit_code, one_line
+from gunn_exp.errors import ConfigError, Interrupted, JobFailed, exit_code, one_line
 
 # Warnings that libraries raise about each other, which no user of ours can act on: Lightning
 # 2.6 uses a pytree class that torch 2.14 deprecated, and says so at every loop start.
@@ -50,8 +50,14 @@ def prepare(script: str, log_info: bool = False) -> None:
 
 
 @contextmanager
-def exits_on_error() -> Iterator[None]:
-    """Turn a user-facing error into one line on stderr and its exit status (errors.py)."""
+def exits_on_error(sweep_job: bool = False) -> Iterator[None]:
+    """Turn a user-facing error into one line on stderr and its exit status (errors.py).
+
+    `sweep_job`: this is a Hydra task function. In a multirun, a failed job ends as a failed job
+    (`JobFailed`, its line) rather than ending the process, so the sweep's other jobs still run
+    and Hydra's sweeper reports the failure after them (exit status 1); a signal (Ctrl-C,
+    SIGTERM) still stops the whole sweep.
+    """
     try:
         yield
     except Exception as err:
@@ -59,7 +65,16 @@ def exits_on_error() -> Iterator[None]:
         if code is None:
             raise
         print(one_line(err), file=sys.stderr)
+        if sweep_job and not isinstance(err, Interrupted) and _in_multirun():
+            raise JobFailed(one_line(err)) from None
         sys.exit(code)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def refuse_template_keys(overrides: list[str]) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hydra.errors import CompactHydraException
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and the fix."""
@@ -72,6 +74,11 @@ class Interrupted(RunStopped):
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message, exit_code=128 + signum)  # the shell's "killed by signal N"
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job that did not finish. Its message is one line (the job's `error:`/`stopped:`
+    line, its exception, or how its process died); Hydra prints it without a traceback."""
 
 
 # FileNotFoundError: a data set or image folder that is not where the config says.

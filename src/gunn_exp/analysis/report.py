@@ -50,6 +50,9 @@ NOT_SETTINGS = (
     "trainer.enable_progress_bar", "trainer.log_every_n_steps",
 )  # fmt: skip
 
+# The settings a label shows (the CSV's `settings` column has them all).
+LABEL_SETTINGS = 3
+
 # Per-run columns of the CSV summary, in order.
 RUN_FIELDS = (
     "model", "data", "settings", "seed", "epochs", "params", "test_err1", "test_err5",
@@ -111,8 +114,18 @@ def _label_settings(runs: Sequence[Run]) -> None:
     for group in base.values():
         keys = sorted({k for run in group for k in run["config"]})
         varying = [k for k in keys if len({repr(r["config"].get(k)) for r in group}) > 1]
+        # A component of another class (scheduler=MultiStepLR vs CosineAnnealingLR) is named by
+        # its class, not by each of its arguments.
+        swapped = [k.removesuffix("._target_") for k in varying if k.endswith("._target_")]
+        varying = [k for k in varying if not any(k.startswith(f"{n}.") for n in swapped)]
         for run in group:
-            run["settings"] = ", ".join(f"{k}={run['config'].get(k)}" for k in varying)
+            config = run["config"]
+            run["settings"] = ", ".join(
+                f"{k}={str(config.get(f'{k}._target_')).rpartition('.')[2]}"
+                if k in swapped
+                else f"{k}={config.get(k)}"
+                for k in sorted(varying + swapped)
+            )
 
 
 def _flat_settings(run_dir: Path) -> dict[str, Any] | None:
@@ -172,9 +185,13 @@ def group_key(run: Mapping[str, Any]) -> GroupKey:
 
 def model_label(run: Mapping[str, Any]) -> str:
     """The model (`architecture`), then the settings its group differs in, e.g.
-    `gunn15 [optimizer.lr=0.05]`."""
-    settings = run.get("settings")
-    return f"{architecture(run)} [{settings}]" if settings else architecture(run)
+    `gunn15 [optimizer.lr=0.05]` (the first LABEL_SETTINGS of them)."""
+    settings = str(run.get("settings") or "").split(", ")
+    if settings == [""]:
+        return architecture(run)
+    shown = ", ".join(settings[:LABEL_SETTINGS])
+    more = len(settings) - LABEL_SETTINGS
+    return f"{architecture(run)} [{shown}{f', +{more} more' if more > 0 else ''}]"
 
 
 def architecture(run: Mapping[str, Any]) -> str:

@@ -26,7 +26,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gunn_exp import cli
-from gunn_exp.errors import ConfigError, Interrupted, first_line
+from gunn_exp.errors import ConfigError, Interrupted, JobFailed, first_line
 from gunn_exp.launchers.ray_checks import (
     KEY,
     check_job,
@@ -34,7 +34,7 @@ from gunn_exp.launchers.ray_checks import (
     check_resources,
     import_ray,
 )
-from gunn_exp.launchers.ray_task import JobFailed, RayTask
+from gunn_exp.launchers.ray_task import RayTask
 
 if TYPE_CHECKING:
     from hydra_plugins.gunn_exp_launchers.ray_launcher import RayLauncher

@@ -14,22 +14,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from hydra.errors import CompactHydraException
 from hydra.types import TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gunn_exp import cli
-from gunn_exp.errors import exit_code, first_line, one_line
+from gunn_exp.errors import JobFailed, exit_code, first_line, one_line
 
 log = logging.getLogger(__name__)
 
 # Accelerators under which a job trains on the GPU Ray assigned it.
 GPU_ACCELERATORS = ("auto", "gpu", "cuda")
-
-
-class JobFailed(CompactHydraException):
-    """A sweep job that did not finish. Its message is one line (the job's `error:`/`stopped:`
-    line, its exception, or how its process died); Hydra prints it without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +49,8 @@ class RayTask:
             return self.task_function(cfg)
         except SystemExit as stop:
             raise JobFailed(exit_line(stop)) from None
+        except JobFailed:
+            raise  # train.py's own end of a failed sweep job: its line, already printed
         except Exception as err:
             # A traceback does not survive the trip to the driver: log it here, into the job's
             # log file (and, through Ray, the driver's console).
