@@ -376,3 +376,20 @@ def test_imagenet_taps_precede_the_closing_pool() -> None:
     assert [i["module"] for i in model.feature_info] == [
         "stem.2", "stages.0.gunn1", "stages.1.gunn1", "stages.2.gunn1", "stages.3",
     ]  # fmt: skip
+
+
+def test_checkpoint_path_loads_plain_weights_strictly(tmp_path: Path) -> None:
+    """timm's `checkpoint_path`: every tensor, classifier included; another class count, or a
+    training checkpoint (a pickle), is refused by name."""
+    source = create_model("gunn_mini", num_classes=7)
+    file = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(file))
+    loaded = create_model("gunn_mini", num_classes=7, checkpoint_path=file)
+    assert_same_tensors(loaded.state_dict(), source.state_dict())
+    unfit = r"checkpoint_path=.*model\.safetensors: the weights do not fit the model: 2 of another"
+    with pytest.raises(ValueError, match=unfit):
+        create_model("gunn_mini", num_classes=10, checkpoint_path=file)
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"best\.ckpt is a training checkpoint; export"):
+        create_model("gunn_mini", checkpoint_path=ckpt)

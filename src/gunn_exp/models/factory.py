@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -18,7 +19,7 @@ from torch import nn
 from gunn_exp.models.features import FeatureExtractor
 from gunn_exp.models.gunnify import gunnify as convert_blocks
 from gunn_exp.models.gunnify import gunnify_options
-from gunn_exp.models.pretrained import load_pretrained
+from gunn_exp.models.pretrained import load_checkpoint_weights, load_pretrained
 from gunn_exp.models.registry import build_architecture, resolve_pretrained_cfg
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def create_model(
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
     gunnify: Mapping[str, Any] | None = None,
+    checkpoint_path: str | Path | None = None,
     scriptable: bool | None = None,
     exportable: bool | None = None,
     no_jit: bool | None = None,
@@ -50,6 +52,9 @@ def create_model(
     resolved cfg (what `timm.data.resolve_data_config` reads). `gunnify` (`gunnify`'s options:
     `segments`, `update`, `mode`, `blocks`; `segments` None: off) gives the model's residual
     blocks the gradual update after the weights are loaded (models/gunnify.py).
+    `checkpoint_path` (timm's): plain weights (.safetensors, a torch file of tensors, export.py's
+    folder) loaded after the pretrained ones, every tensor matching, classifier included; a
+    training checkpoint (.ckpt) is refused with the export command (its pickle is not read).
     `scriptable`, `exportable` and `no_jit` (timm's layer-config flags) are accepted and change
     nothing: every registered model already scripts (`torch.jit.script`) and exports
     (`torch.export`, ONNX) as built.
@@ -74,6 +79,8 @@ def create_model(
     model._model_args = kwargs  # where timm reads reconstruction arguments (save_for_hf)
     if pretrained:
         load_pretrained(model, cfg, arch)
+    if checkpoint_path:
+        load_checkpoint_weights(model, checkpoint_path, arch)
     options = gunnify_options(gunnify)
     if options is not None:
         log.info(convert_blocks(model, **options).summary())

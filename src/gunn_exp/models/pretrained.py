@@ -98,6 +98,27 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_checkpoint_weights(model: nn.Module, path: str | Path, name: str) -> None:
+    """timm's `checkpoint_path`: the weights in `path`, every tensor of the model, nothing else."""
+    state = read_state_dict(path)
+    check_fit(model.state_dict(), state, f"{name}: checkpoint_path={path}", set())
+    model.load_state_dict(state)
+
+
+def check_fit(own: dict[str, Tensor], state: dict[str, Tensor], what: str, fresh: set[str]) -> None:
+    """Refuse weights `state` that do not fit the model's `own` (keys in `fresh` stay the
+    model's), naming what is missing, unexpected or of another shape."""
+    missing = [k for k in own if k not in state and k not in fresh]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{what}: the weights do not fit the model: {len(shapes)} of another shape "
+            f"{shapes[:3]}, {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}; they were saved from another architecture (or class count)."
+        )
+
+
 def load_pretrained(model: nn.Module, cfg: dict, name: str) -> None:
     """Load the weights `cfg` points to into `model`. As with `init_from`, a classifier of
     another shape (class count) stays freshly initialised; every other tensor must match."""
@@ -127,13 +148,5 @@ def load_pretrained(model: nn.Module, cfg: dict, name: str) -> None:
             f"the model {own[first].shape[1]}; build with in_chans={state[first].shape[1]} "
             f"(timm.create_model adapts it for you)."
         )
-    missing = [k for k in own if k not in state and k not in fresh]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{name}: the pretrained weights do not fit the model: {len(shapes)} of another shape "
-            f"{shapes[:3]}, {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
-            f"{unexpected[:3]}; they were saved from another architecture."
-        )
+    check_fit(own, state, f"{name}: pretrained", fresh)
     model.load_state_dict(state, strict=False)
