@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gunn_exp.config import in_multirun
 from gunn_exp.errors import ConfigError, Interrupted, JobFailed, exit_code, one_line
 
 # Warnings that libraries raise about each other, which no user of ours can act on: Lightning
@@ -65,16 +66,9 @@ def exits_on_error(sweep_job: bool = False) -> Iterator[None]:
         if code is None:
             raise
         print(one_line(err), file=sys.stderr)
-        if sweep_job and not isinstance(err, Interrupted) and _in_multirun():
+        if sweep_job and not isinstance(err, Interrupted) and in_multirun():
             raise JobFailed(one_line(err)) from None
         sys.exit(code)
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def refuse_template_keys(overrides: list[str]) -> None:

@@ -420,6 +420,14 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
     return task
 
 
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (`-m` or a sweep config)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def validate_config(cfg: DictConfig, registry: bool = True) -> None:
     """Raise ConfigError for the first missing or invalid value, before any data or model work.
 

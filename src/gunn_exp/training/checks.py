@@ -10,9 +10,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from gunn_exp import rundir
-from gunn_exp.config import validate_config
+from gunn_exp.config import in_multirun, validate_config
 from gunn_exp.errors import ConfigError
-from gunn_exp.training.launch import in_multirun
 
 
 def check_run(cfg: DictConfig) -> None:

@@ -26,22 +26,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import get_original_cwd
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
+from gunn_exp.config import in_multirun
 from gunn_exp.errors import ConfigError, Interrupted, RunStopped
 
 log = logging.getLogger(__name__)
 
 RANK_RESULTS = ("epochs", "test_err1", "test_err5", "test_loss", "best_val_err1", "final_val_err1")
-
-
-def in_multirun() -> bool:
-    """Whether this process runs a job of a Hydra multirun (`-m` or a sweep config)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def launches_own_ranks(trainer: pl.Trainer) -> bool:

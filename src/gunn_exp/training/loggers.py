@@ -21,8 +21,8 @@ from pytorch_lightning.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from pytorch_lightning.utilities import rank_zero_only
 
 from gunn_exp import rundir
+from gunn_exp.config import in_multirun
 from gunn_exp.errors import ConfigError
-from gunn_exp.training.launch import in_multirun
 
 
 def sweep_group() -> str | None:

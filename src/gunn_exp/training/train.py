@@ -18,7 +18,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from gunn_exp import rundir
-from gunn_exp.config import without_hydra
+from gunn_exp.config import in_multirun, without_hydra
 from gunn_exp.data import ImageDataModule
 from gunn_exp.errors import instantiate_config, refusing
 from gunn_exp.extras import apply_extras
@@ -37,7 +37,6 @@ from gunn_exp.training.console import summary_lines
 from gunn_exp.training.guard import accept_run, run_guard
 from gunn_exp.training.launch import (
     check_rank_run_dirs,
-    in_multirun,
     launches_own_ranks,
     log_rank_results,
     run_config_as_script,
