@@ -104,11 +104,11 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 def _label_settings(runs: Sequence[Run]) -> None:
     """Give each run `settings`: the config values (outside NOT_SETTINGS) in which the runs of
-    its model, data and length differ, e.g. `optimizer.lr=0.05`; "" where they agree. Runs
-    without a readable config.yaml are left as one group."""
+    its model, data and length differ, e.g. `["optimizer.lr=0.05"]`; empty where they agree.
+    Runs without a readable config.yaml are left as one group."""
     base: dict[GroupKey, list[Run]] = {}
     for run in runs:
-        run["settings"] = ""
+        run["settings"] = []
         if run["config"] is not None:
             base.setdefault(group_key(run), []).append(run)
     for group in base.values():
@@ -120,12 +120,12 @@ def _label_settings(runs: Sequence[Run]) -> None:
         varying = [k for k in varying if not any(k.startswith(f"{n}.") for n in swapped)]
         for run in group:
             config = run["config"]
-            run["settings"] = ", ".join(
+            run["settings"] = [
                 f"{k}={str(config.get(f'{k}._target_')).rpartition('.')[2]}"
                 if k in swapped
                 else f"{k}={config.get(k)}"
                 for k in sorted(varying + swapped)
-            )
+            ]
 
 
 def _flat_settings(run_dir: Path) -> dict[str, Any] | None:
@@ -186,8 +186,8 @@ def group_key(run: Mapping[str, Any]) -> GroupKey:
 def model_label(run: Mapping[str, Any]) -> str:
     """The model (`architecture`), then the settings its group differs in, e.g.
     `gunn15 [optimizer.lr=0.05]` (the first LABEL_SETTINGS of them)."""
-    settings = str(run.get("settings") or "").split(", ")
-    if settings == [""]:
+    settings = run.get("settings") or []
+    if not settings:
         return architecture(run)
     shown = ", ".join(settings[:LABEL_SETTINGS])
     more = len(settings) - LABEL_SETTINGS
@@ -343,7 +343,11 @@ def write_csv(runs: Sequence[Run], path: str | Path) -> Path:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RUN_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: r.get(k) for k in RUN_FIELDS} for r in runs)
+        # `settings` joined by "; ": a value may hold commas (milestones=[14, 22]).
+        writer.writerows(
+            {k: "; ".join(r.get(k) or []) if k == "settings" else r.get(k) for k in RUN_FIELDS}
+            for r in runs
+        )
     return path
 
 

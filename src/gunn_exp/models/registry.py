@@ -96,8 +96,7 @@ def list_models(
     models/pretrained.py), so this lists nothing unless a model registers weights.
     """
     include_tags = pretrained if include_tags is None else include_tags
-    keep = [filter] if isinstance(filter, str) else list(filter)
-    drop = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    keep, drop = _patterns(filter), _patterns(exclude_filters)
     names = []
     for arch in _ARCHS:
         if module and _ARCHS[arch].__module__.rpartition(".")[2] != module:
@@ -110,10 +109,15 @@ def list_models(
         {
             name
             for name in names
-            if (not any(keep) or any(fnmatch.fnmatchcase(name, f) for f in keep if f))
-            and not any(fnmatch.fnmatchcase(name, f) for f in drop if f)
+            if (not keep or any(fnmatch.fnmatchcase(name, f) for f in keep))
+            and not any(fnmatch.fnmatchcase(name, f) for f in drop)
         }
     )
+
+
+def _patterns(value: str | Sequence[str]) -> list[str]:
+    """One wildcard or a list of them, empty ones dropped (timm's "" means no filter)."""
+    return [p for p in ([value] if isinstance(value, str) else value) if p]
 
 
 def pretrained_cfgs(name: str) -> dict[str, dict]:
